@@ -1,0 +1,3 @@
+from kosmos2_cli.cli import main
+
+main()
