@@ -1,0 +1,240 @@
+"""Text generation for Kosmos-2: greedy, sampling and beam search over a key/value cache.
+
+Each mode makes the same choices as the reference's `generate` (same argmax, same warpers in the same order,
+the same beam bookkeeping), so the same weights give the same tokens. Prompts of different lengths are
+left-aligned internally, with positions counted over real tokens only, so every row of a batch gets exactly
+what it would get alone, whichever side the caller padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kosmos2_cli.cache import KVCache
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def left_align(valid: Tensor, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Move each row's padding to its start (a stable reorder of columns); `valid` marks real tokens."""
+    order = torch.argsort(valid.to(torch.int8), dim=1, stable=True)
+    return tuple(None if t is None else torch.gather(t, 1, order) for t in tensors)
+
+
+def warp_logits(scores: Tensor, temperature: float, top_k: int | None, top_p: float, keep: int = 1) -> Tensor:
+    """Temperature, then top-k, then top-p filtering: the reference's order and arithmetic."""
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        k = min(max(top_k, keep), scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p)
+        drop[..., -keep:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    return scores
+
+
+class Decoder:
+    """Runs the model one call at a time over a cache: prefill once, then one token per step."""
+
+    def __init__(self, model, image_embeds: Tensor, input_ids: Tensor, valid: Tensor, image_mask: Tensor | None,
+                 capacity: int) -> None:
+        self.model = model
+        batch, length = input_ids.shape
+        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, input_ids.device, model.dtype)
+        self.prefill_args = (input_ids, valid, image_embeds, image_mask)
+
+    def prefill(self) -> Tensor:
+        input_ids, valid, image_embeds, image_mask = self.prefill_args
+        self.prefill_args = None
+        return self._logits(input_ids, valid, image_embeds, image_mask)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self._logits(tokens[:, None], None, None, None)
+
+    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask) -> Tensor:
+        hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
+                                              None)
+        return self.model.logits(hidden[:, -1]).float()
+
+
+@torch.no_grad()
+def generate(
+    model,
+    pixel_values: Tensor | None = None,
+    input_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    image_embeds: Tensor | None = None,
+    image_embeds_position_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    do_sample: bool = False,
+    num_beams: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    interpolate_pos_encoding: bool = False,
+    use_cache: bool = True,
+    **_ignored,
+) -> Tensor:
+    """Prompt + generated tokens, shape (batch, prompt + steps); rows that stop early are filled with padding.
+
+    `stop_token_ids` end a row like EOS does (the stop token is kept): `kosmos2 ground` stops at `</object>`.
+    `seed` (or `generator`) makes sampling repeatable; with the same seed it draws what
+    `torch.manual_seed(seed)` + the reference draw.
+    """
+    if input_ids is None:
+        raise ValueError("generate needs input_ids (use the processor to build them)")
+    text_config = model.config.text_config
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [text_config.eos_token_id])
+    pad = text_config.pad_token_id if pad_token_id is None else pad_token_id
+    device = model.device
+    input_ids = input_ids.to(device)
+    batch, prompt_len = input_ids.shape
+    if max_new_tokens is None:
+        max_new_tokens = max_length - prompt_len if max_length is not None else DEFAULT_MAX_NEW_TOKENS
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1 (got {max_new_tokens})")
+    if seed is not None and generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    if image_embeds is None and pixel_values is not None:
+        image_embeds = model.get_image_features(pixel_values.to(device), interpolate_pos_encoding)
+    valid = input_ids.ne(pad)
+    if attention_mask is not None:
+        valid &= attention_mask.to(device=device, dtype=torch.bool)
+    image_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.to(device)
+    aligned_ids, aligned_valid, aligned_image_mask = left_align(valid, input_ids, valid, image_mask)
+    if image_embeds is not None and image_mask is None:
+        raise ValueError("image_embeds_position_mask is needed to place the image in the prompt")
+
+    stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
+    if num_beams > 1:
+        new = _beam_search(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask, num_beams,
+                           max_new_tokens, stops, pad, length_penalty, early_stopping, do_sample, temperature,
+                           top_k, top_p, generator)
+    else:
+        decoder = Decoder(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask,
+                          prompt_len + max_new_tokens)
+        new = _sample(decoder, batch, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator)
+    return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
+
+
+def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
+            temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None) -> Tensor:
+    running = torch.ones(batch, dtype=torch.bool, device=stops.device)
+    tokens: list[Tensor] = []
+    logits = decoder.prefill()
+    for step in range(max_new_tokens):
+        if do_sample:
+            probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            chosen = logits.argmax(dim=-1)
+        chosen = torch.where(running, chosen, pad)
+        tokens.append(chosen)
+        running &= ~torch.isin(chosen, stops)
+        if step + 1 == max_new_tokens or not bool(running.any()):
+            break
+        logits = decoder.step(chosen)
+    return torch.stack(tokens, dim=1)
+
+
+def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: int, max_new_tokens: int,
+                 stops: Tensor, pad: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
+                 temperature: float, top_k: int | None, top_p: float, generator) -> Tensor:
+    """The reference's vectorised beam search (keep 2*beams candidates, finished hypotheses kept apart)."""
+    batch, prompt_len = input_ids.shape
+    beams = num_beams
+    device = input_ids.device
+    max_len = prompt_len + max_new_tokens
+    keep = max(2, 1 + len(stops)) * beams
+
+    def expand(t):
+        return None if t is None else t.repeat_interleave(beams, dim=0)
+
+    decoder = Decoder(model, expand(image_embeds), expand(input_ids), expand(valid), expand(image_mask), max_len)
+    running = torch.full((batch, beams, max_len), pad, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = input_ids[:, None]
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = -1e9
+    finished = running.clone()
+    finished_scores = torch.full((batch, beams), -1e9, device=device)
+    finished_lengths = torch.zeros(batch, beams, dtype=torch.long, device=device)
+    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    top_beams = torch.arange(keep, device=device) < beams
+    row_offset = torch.arange(batch, device=device)[:, None] * beams
+
+    logits = decoder.prefill()
+    cur = prompt_len
+    while True:
+        log_probs = F.log_softmax(logits, dim=-1)
+        if do_sample:
+            log_probs = warp_logits(log_probs, temperature, top_k, top_p, keep=1 + len(stops))
+        vocab = log_probs.shape[-1]
+        scores = (log_probs.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, -1)
+        if do_sample:
+            picked = torch.multinomial(scores.softmax(dim=-1), keep, generator=generator)
+            cand_scores, order = torch.gather(scores, 1, picked).sort(dim=-1, descending=True)
+            cand_index = picked.gather(1, order)
+        else:
+            cand_scores, cand_index = torch.topk(scores, keep)
+        source_beam = cand_index // vocab
+        cand_tokens = cand_index % vocab
+        candidates = torch.take_along_dim(running, source_beam[:, :, None], dim=1)
+        candidates[:, :, cur] = cand_tokens
+        hits = torch.isin(cand_tokens, stops) | (cur + 1 >= max_len)
+
+        # Hypotheses that go on: the best `beams` candidates that did not stop.
+        live_scores = cand_scores + hits.float() * -1e9
+        live = torch.topk(live_scores, beams)[1]
+        running = torch.take_along_dim(candidates, live[:, :, None], dim=1)
+        running_scores = torch.gather(live_scores, 1, live)
+        rows = (torch.gather(source_beam, 1, live) + row_offset).flatten()
+
+        # Hypotheses that end here compete with those that ended before, length-normalised.
+        just_done = hits & top_beams[None, :]
+        done_scores = cand_scores / ((cur + 1 - prompt_len) ** length_penalty)
+        full = torch.all(is_finished, dim=-1, keepdim=True) & (early_stopping is True)
+        done_scores = done_scores + full.float() * -1e9 + (~improvable).float() * -1e9 + (~just_done) * -1e9
+        merged = torch.cat([finished_scores, done_scores], dim=1)
+        best = torch.topk(merged, beams)[1]
+        finished = torch.take_along_dim(torch.cat([finished, candidates], dim=1), best[:, :, None], dim=1)
+        finished_scores = torch.gather(merged, 1, best)
+        lengths = torch.full_like(cand_scores, cur + 1 - prompt_len, dtype=torch.long)
+        finished_lengths = torch.gather(torch.cat([finished_lengths, lengths], dim=1), 1, best)
+        is_finished = torch.gather(torch.cat([is_finished, just_done], dim=1), 1, best)
+
+        cur += 1
+        if early_stopping == "never" and length_penalty > 0.0:
+            best_length = max_len - prompt_len
+        else:
+            best_length = cur - prompt_len
+        best_running = running_scores[:, :1] / (best_length**length_penalty)
+        worst_done = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & torch.any(best_running > worst_done, dim=-1, keepdim=True)
+        go_on = bool(improvable.any()) and not (bool(is_finished.all()) and early_stopping is True)
+        if not go_on or bool(hits.all()):
+            break
+        decoder.cache.reorder(rows)
+        logits = decoder.step(running[:, :, cur - 1].flatten())
+
+    length = int(finished_lengths[:, 0].max())
+    return finished[:, 0, prompt_len : prompt_len + length]

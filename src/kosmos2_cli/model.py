@@ -1,0 +1,585 @@
+"""Kosmos-2 in plain PyTorch: a CLIP ViT image encoder, a latent-query resampler and a sub-LN decoder.
+
+Module and parameter names follow the hub checkpoint (`text_model.model.layers.0.self_attn.q_proj.weight`, ...),
+so the released safetensors load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kosmos2_cli.cache import KVCache
+from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
+
+
+def _activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "relu":
+        return F.relu
+    if name in ("silu", "swish"):
+        return F.silu
+    raise ValueError(f"unsupported activation function {name!r}")
+
+
+@dataclass
+class ModelOutput:
+    """Attribute and key access to a forward pass's results (None fields are absent from `keys()`)."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, int):
+            return getattr(self, self.keys()[key])
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, k) for k in self.keys())
+
+
+@dataclass
+class Kosmos2ModelOutput(ModelOutput):
+    last_hidden_state: Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    image_embeds: Tensor | None = None
+    vision_hidden_states: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class Kosmos2CausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    image_embeds: Tensor | None = None
+    vision_hidden_states: tuple[Tensor, ...] | None = None
+
+
+class Attention(nn.Module):
+    """Multi-head attention; the decoder's adds a LayerNorm on the heads' output (sub-LN) before `out_proj`."""
+
+    def __init__(self, dim: int, heads: int, inner_norm_eps: float | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        if self.head_dim * heads != dim:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.scale = self.head_dim**-0.5
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+        self.inner_attn_ln = nn.LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
+
+    def _split(self, x: Tensor) -> Tensor:
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        x: Tensor,
+        kv_source: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        slots: Tensor | None = None,
+    ) -> Tensor:
+        source = x if kv_source is None else kv_source
+        q = self._split(self.q_proj(x))
+        k = self._split(self.k_proj(source))
+        v = self._split(self.v_proj(source))
+        if cache is not None:
+            k, v = cache.update(layer, slots, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        out = out.transpose(1, 2).flatten(2)
+        if self.inner_attn_ln is not None:
+            out = self.inner_attn_ln(out)
+        return self.out_proj(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision: CLIP ViT (pre-LN, quick_gelu, class token, learned positions)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, config: Kosmos2VisionConfig) -> None:
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.image_size = config.image_size
+        dim = config.hidden_size
+        self.class_embedding = nn.Parameter(torch.zeros(dim))
+        self.patch_embedding = nn.Conv2d(config.num_channels, dim, config.patch_size, config.patch_size, bias=False)
+        self.position_embedding = nn.Embedding(config.num_patches + 1, dim)
+
+    def positions(self, height: int, width: int) -> Tensor:
+        """Learned positions, bicubically resized for a grid other than the trained one (as the reference)."""
+        table = self.position_embedding.weight
+        grid_h, grid_w = height // self.patch_size, width // self.patch_size
+        side = int((table.shape[0] - 1) ** 0.5)
+        if grid_h == side and grid_w == side:
+            return table.unsqueeze(0)
+        patch = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+        return torch.cat([table[:1].unsqueeze(0), patch], dim=1)
+
+    def forward(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+        batch, _, height, width = pixel_values.shape
+        if not interpolate_pos_encoding and (height != self.image_size or width != self.image_size):
+            raise ValueError(
+                f"pixel_values are {height}x{width} but the model takes {self.image_size}x{self.image_size} "
+                "(pass interpolate_pos_encoding=True for other sizes)"
+            )
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.to(weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(patches.dtype).expand(batch, 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.positions(height, width)
+
+
+class VisionLayer(nn.Module):
+    def __init__(self, config: Kosmos2VisionConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.self_attn = Attention(dim, config.num_attention_heads)
+        self.layer_norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
+        self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: Kosmos2VisionConfig) -> None:
+        super().__init__()
+        self.embeddings = VisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, hidden_states: list | None = None
+    ) -> Tensor:
+        x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for layer in self.encoder.layers:
+            x = layer(x)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return x
+
+
+class VisionModel(nn.Module):
+    def __init__(self, config: Kosmos2VisionConfig) -> None:
+        super().__init__()
+        self.model = VisionTransformer(config)
+
+
+class ImageToTextProjection(nn.Module):
+    """The resampler: `latent_query_num` learned queries attend over [image features; queries]."""
+
+    def __init__(self, config: Kosmos2Config) -> None:
+        super().__init__()
+        dim = config.text_config.embed_dim
+        self.dense = nn.Linear(config.vision_config.hidden_size, dim)
+        self.latent_query = nn.Parameter(torch.zeros(config.latent_query_num, dim))
+        self.x_attn = Attention(dim, config.text_config.attention_heads)
+
+    def forward(self, features: Tensor) -> Tensor:
+        hidden = self.dense(features)
+        queries = self.latent_query.to(hidden.dtype).unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        return self.x_attn(queries, kv_source=torch.cat([hidden, queries], dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text decoder
+
+
+def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Tensor:
+    """fairseq/tensor2tensor sinusoids (sin half then cos half); the padding row is zero."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.int64).float() * -step)
+    angles = torch.arange(num_positions, dtype=torch.int64).float().unsqueeze(1) * freqs.unsqueeze(0)
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2 == 1:
+        table = torch.cat([table, torch.zeros(num_positions, 1)], dim=1)
+    table[padding_idx] = 0
+    return table
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Kosmos2TextConfig) -> None:
+        super().__init__()
+        dim = config.embed_dim
+        self.self_attn = Attention(dim, config.attention_heads, inner_norm_eps=config.layer_norm_eps)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.ffn = nn.Module()
+        self.ffn.fc1 = nn.Linear(dim, config.ffn_dim)
+        self.ffn.fc2 = nn.Linear(config.ffn_dim, dim)
+        self.ffn.ffn_layernorm = nn.LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
+        self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.act = _activation(config.activation_function)
+
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slots: Tensor | None):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask=mask, cache=cache, layer=layer, slots=slots)
+        h = self.act(self.ffn.fc1(self.final_layer_norm(x)))
+        return x + self.ffn.fc2(self.ffn.ffn_layernorm(h))
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, config: Kosmos2TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
+        table = sinusoidal_table(config.max_position_embeddings + 2, config.embed_dim, config.pad_token_id)
+        self.register_buffer("embed_positions", table, persistent=False)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
+        self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+
+    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype) -> Tensor:
+        needed = int(position_ids.max()) + 1
+        if needed > self.embed_positions.shape[0]:
+            table = sinusoidal_table(needed + 2, self.config.embed_dim, self.padding_idx)
+            self.embed_positions = table.to(self.embed_positions.device)
+        return self.embed_positions.to(dtype)[position_ids]
+
+    def embed(
+        self,
+        input_ids: Tensor | None,
+        position_ids: Tensor,
+        image_embeds: Tensor | None = None,
+        image_embeds_position_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+    ) -> Tensor:
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if image_embeds is not None and image_embeds_position_mask is not None:
+            where = image_embeds_position_mask.to(torch.bool)
+            inputs_embeds = inputs_embeds.clone()
+            inputs_embeds[where] = image_embeds.to(inputs_embeds).reshape(-1, image_embeds.shape[-1])
+        x = inputs_embeds * self.embed_scale
+        return x + self.position_embeddings(position_ids, x.dtype)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        mask: Tensor | None,
+        cache: KVCache | None = None,
+        slots: Tensor | None = None,
+        hidden_states: list | None = None,
+    ) -> Tensor:
+        if hidden_states is not None:
+            hidden_states.append(hidden)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, mask, cache, i, slots)
+            if hidden_states is not None:
+                hidden_states.append(hidden)
+        return self.layer_norm(hidden)
+
+
+class TextModel(nn.Module):
+    def __init__(self, config: Kosmos2TextConfig) -> None:
+        super().__init__()
+        self.model = TextTransformer(config)
+
+
+class TextForCausalLM(TextModel):
+    def __init__(self, config: Kosmos2TextConfig) -> None:
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size, bias=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole models
+
+
+def positions_and_mask(
+    input_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
+    padding_idx: int,
+    cache: KVCache | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Position ids, per-token validity, and the cache slots the new tokens go to.
+
+    A token is real when its id is not padding and the attention mask (if any) keeps it. Positions count real
+    tokens only (padding keeps `padding_idx`), so a left-padded row gets the positions it would have alone.
+    """
+    batch, length = shape
+    valid = torch.ones(shape, dtype=torch.bool, device=device)
+    if input_ids is not None:
+        valid &= input_ids.ne(padding_idx)
+    if attention_mask is not None:
+        valid &= attention_mask[:, -length:].to(device=device, dtype=torch.bool)
+    start = cache.real_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
+    positions = (torch.cumsum(valid.long(), dim=1) + start[:, None]) * valid + padding_idx
+    slots = None
+    if cache is not None:
+        slots = torch.arange(cache.length, cache.length + length, device=device)
+    return positions, valid, slots
+
+
+def attention_mask_for(valid_keys: Tensor, query_slots: Tensor) -> Tensor:
+    """Boolean (batch, 1, queries, keys) mask: causal over real keys, plus each query's own slot.
+
+    The own-slot term keeps rows of padding queries from being fully masked (NaN in SDPA); no real token ever
+    attends to a padding slot.
+    """
+    key_slots = torch.arange(valid_keys.shape[1], device=valid_keys.device)
+    causal = key_slots[None, :] <= query_slots[:, None]
+    own = key_slots[None, :] == query_slots[:, None]
+    return ((valid_keys[:, None, :] & causal[None]) | own[None])[:, None]
+
+
+class Kosmos2PreTrainedModel(nn.Module):
+    """Loading and saving shared by both model classes (hub layout, safetensors only)."""
+
+    config: Kosmos2Config
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        **_ignored: Any,
+    ):
+        """Load a local folder or hub repo id; weights go straight to `device` in `dtype` (default: the file's)."""
+        from kosmos2_cli.devices import resolve_device, resolve_dtype
+        from kosmos2_cli.hub import resolve_model_dir
+        from kosmos2_cli.weights import load_weights
+
+        folder = resolve_model_dir(name_or_path, revision=revision)
+        config = Kosmos2Config.from_json_file(folder / "config.json")
+        target = resolve_device(device)
+        target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
+        with torch.device("meta"):
+            model = cls(config)
+        load_weights(model, folder, device=target, dtype=target_dtype)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from kosmos2_cli.weights import save_weights
+
+        self.config.save_pretrained(folder)
+        save_weights(self, Path(folder))
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.model.embed_tokens.weight.dtype
+
+    def get_image_features(
+        self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, vision_hidden_states: list | None = None
+    ) -> Tensor:
+        """Image embeddings for the decoder: (batch, latent_query_num, embed_dim)."""
+        vision = self.vision_model.model
+        features = vision(pixel_values, interpolate_pos_encoding, vision_hidden_states)
+        features = F.normalize(vision.post_layernorm(features), dim=-1)
+        return self.image_to_text_projection(features)
+
+    def _decode_hidden(
+        self,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        image_embeds: Tensor | None,
+        image_embeds_position_mask: Tensor | None,
+        past_key_values: KVCache | None,
+        inputs_embeds: Tensor | None,
+        position_ids: Tensor | None,
+        use_cache: bool,
+        hidden_states: list | None,
+    ) -> tuple[Tensor, KVCache | None]:
+        text = self.text_model.model
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch, length = reference.shape[:2]
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = KVCache.for_model(self.config.text_config, batch, length, reference.device, self.dtype)
+        if cache is not None and cache.length > 0:
+            image_embeds = None  # already in the cache
+        positions, valid, slots = positions_and_mask(
+            input_ids, attention_mask, (batch, length), reference.device, text.padding_idx, cache
+        )
+        if position_ids is not None:
+            positions = position_ids
+        x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds)
+        if cache is not None:
+            cache.append(valid)
+            mask = attention_mask_for(cache.valid[:, : cache.length], slots)
+        else:
+            mask = attention_mask_for(valid, torch.arange(length, device=x.device))
+        return text(x, mask, cache, slots, hidden_states), cache
+
+    def _image_embeds(self, pixel_values, image_embeds, interpolate_pos_encoding, vision_hidden_states):
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("pass either pixel_values or image_embeds")
+            image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding, vision_hidden_states)
+        return image_embeds
+
+
+class Kosmos2Model(Kosmos2PreTrainedModel):
+    """Image encoder, resampler and decoder without the language-model head: hidden states out."""
+
+    def __init__(self, config: Kosmos2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.text_model = TextModel(config.text_config)
+        self.vision_model = VisionModel(config.vision_config)
+        self.image_to_text_projection = ImageToTextProjection(config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.model.embed_tokens
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        image_embeds_position_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        image_embeds: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        **_ignored: Any,
+    ) -> Kosmos2ModelOutput:
+        vision_states = [] if output_hidden_states else None
+        text_states = [] if output_hidden_states else None
+        if past_key_values is None or past_key_values.length == 0:
+            image_embeds = self._image_embeds(pixel_values, image_embeds, interpolate_pos_encoding, vision_states)
+        hidden, cache = self._decode_hidden(
+            input_ids, attention_mask, image_embeds, image_embeds_position_mask, past_key_values, inputs_embeds,
+            position_ids, bool(use_cache), text_states,
+        )
+        return Kosmos2ModelOutput(
+            last_hidden_state=hidden,
+            past_key_values=cache,
+            hidden_states=tuple(text_states) if text_states is not None else None,
+            image_embeds=image_embeds,
+            vision_hidden_states=tuple(vision_states) if vision_states else None,
+        )
+
+
+class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
+    """Kosmos-2 with its language-model head (tied to the token embeddings): logits, loss and `generate`."""
+
+    def __init__(self, config: Kosmos2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.text_model = TextForCausalLM(config.text_config)
+        self.vision_model = VisionModel(config.vision_config)
+        self.image_to_text_projection = ImageToTextProjection(config)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.text_config.tie_word_embeddings:
+            self.text_model.lm_head.weight = self.text_model.model.embed_tokens.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.text_model.lm_head
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.text_model.lm_head(hidden)
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        image_embeds_position_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        image_embeds: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        interpolate_pos_encoding: bool = False,
+        logits_to_keep: int = 0,
+        **_ignored: Any,
+    ) -> Kosmos2CausalLMOutput:
+        vision_states = [] if output_hidden_states else None
+        text_states = [] if output_hidden_states else None
+        if labels is not None:
+            use_cache = False
+        if past_key_values is None or past_key_values.length == 0:
+            image_embeds = self._image_embeds(pixel_values, image_embeds, interpolate_pos_encoding, vision_states)
+        hidden, cache = self._decode_hidden(
+            input_ids, attention_mask, image_embeds, image_embeds_position_mask, past_key_values, inputs_embeds,
+            position_ids, bool(use_cache), text_states,
+        )
+        logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        loss = None
+        if labels is not None:
+            # Next-token cross-entropy, -100 ignored (the reference's causal-LM loss).
+            shifted = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        return Kosmos2CausalLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,
+            hidden_states=tuple(text_states) if text_states is not None else None,
+            image_embeds=image_embeds,
+            vision_hidden_states=tuple(vision_states) if vision_states else None,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: Tensor | None = None,
+        image_embeds_position_mask: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_embeds: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """Prompt + new tokens, as the reference's `generate` returns them; see `kosmos2_cli.generate`."""
+        from kosmos2_cli.generate import generate
+
+        return generate(
+            self,
+            pixel_values=pixel_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            image_embeds=image_embeds,
+            image_embeds_position_mask=image_embeds_position_mask,
+            **kwargs,
+        )

@@ -1,0 +1,133 @@
+"""Reading and writing checkpoints: safetensors only, tensor by tensor, straight to the target device and dtype.
+
+Nothing is ever unpickled. A missing, unexpected or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Tensors some exporters write that the model rebuilds itself.
+_REBUILT = re.compile(r"(position_ids|embed_positions\.weights?)$")
+
+
+class WeightsError(ValueError):
+    """The checkpoint does not fit the model; the message names the file and the tensor."""
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, single or sharded."""
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise WeightsError(f"{index}: not a valid safetensors index ({err})") from err
+        shards = [folder / name for name in dict.fromkeys(weight_map.values())]
+        for shard in shards:
+            if not shard.is_file():
+                raise WeightsError(f"{shard}: shard named in {INDEX_FILE} is missing")
+        return shards
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    if pickled:
+        raise WeightsError(
+            f"{folder}: has only pickled weights ({', '.join(pickled)}); kosmos2-cli loads safetensors only "
+            "(convert them with safetensors' torch.save_file, or use the hub's model.safetensors)"
+        )
+    raise WeightsError(f"{folder}: no {SINGLE_FILE} (or {INDEX_FILE}) in the model folder")
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, object]]:
+    from safetensors import SafetensorError, safe_open
+
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    yield path, key, handle
+        except SafetensorError as err:
+            raise WeightsError(f"{path}: not a valid safetensors file ({err})") from err
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    else:
+        owner._buffers[attr] = tensor
+
+
+def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
+    """Fill a model built on the meta device from the checkpoint in `folder`."""
+    expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    tied = getattr(model.config.text_config, "tie_word_embeddings", True)
+    head = "text_model.lm_head.weight"
+    optional = {head} if tied else set()
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    convert = getattr(model, "convert_loaded_tensor", None)
+    for path, key, handle in _tensors(weight_files(folder)):
+        if key not in expected:
+            if not _REBUILT.search(key) and key != head:
+                unexpected.append(key)
+            continue
+        if key == head and tied:
+            continue
+        shape = tuple(handle.get_slice(key).get_shape())
+        if shape != tuple(expected[key]):
+            raise WeightsError(f"{path.name}: tensor {key} has shape {list(shape)}, the config needs "
+                               f"{list(expected[key])} (is config.json from the same model?)")
+        tensor = handle.get_tensor(key)
+        if tensor.is_floating_point():
+            # On a GPU, convert after the copy: the host never holds a converted second copy.
+            tensor = tensor.to(device).to(dtype) if device.type == "cuda" else tensor.to(dtype).to(device)
+        else:
+            tensor = tensor.to(device)
+        if convert is not None:
+            tensor = convert(key, tensor)
+        _set_tensor(model, key, tensor)
+        loaded.add(key)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightsError(f"{folder}: unexpected tensor {unexpected[0]}{more}: not a Kosmos-2 checkpoint?")
+    missing = sorted(set(expected) - loaded - optional)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{folder}: missing tensor {missing[0]}{more} in the checkpoint")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    _rebuild_buffers(model, device)
+
+
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+    from kosmos2_cli.model import sinusoidal_table
+
+    text = model.text_model.model
+    config = text.config
+    text.embed_positions = sinusoidal_table(
+        config.max_position_embeddings + 2, config.embed_dim, config.pad_token_id
+    ).to(device)
+
+
+def save_weights(model: nn.Module, folder: Path) -> None:
+    """Write `model.safetensors` as the reference does (the tied head is left out)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if getattr(model.config.text_config, "tie_word_embeddings", True):
+        state.pop("text_model.lm_head.weight", None)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(state, str(folder / SINGLE_FILE), metadata={"format": "pt"})
