@@ -64,10 +64,8 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         raise ImageLoadError(f"{name}: image too large, refusing it as a possible decompression bomb") from err
     except PermissionError as err:
         raise ImageLoadError(f"{name}: cannot read the file (permission denied)") from err
-    except OSError as err:
-        raise ImageLoadError(f"{name}: cannot read the image ({_reason(err)})") from err
-    except Exception as err:  # Pillow's plugins raise assorted errors (SyntaxError, struct.error...) on bad headers
-        raise ImageLoadError(f"{name}: corrupt image ({_reason(err)})") from err
+    except Exception as err:  # Pillow's plugins raise assorted errors (OSError, SyntaxError...) on bad data
+        raise ImageLoadError(f"{name}: truncated or corrupt image ({_reason(err)})") from err
     if image.mode not in _PROCESSOR_MODES:
         try:
             has_alpha = "A" in image.getbands() or "transparency" in image.info
