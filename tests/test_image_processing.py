@@ -183,6 +183,18 @@ def test_arrays(ref, ours, photo):
         ours(rgb.astype(np.float32))
 
 
+def test_paths_are_loaded_upright(ours, photo, tmp_path):
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    assert np.array_equal(ours(path)["pixel_values"][0], ours(photo)["pixel_values"][0])
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90° counter-clockwise to view
+    rotated = tmp_path / "rotated.jpg"
+    photo.save(rotated, exif=exif.tobytes(), quality=95)
+    upright = Image.open(rotated).transpose(Image.Transpose.ROTATE_90)
+    assert np.array_equal(ours(str(rotated))["pixel_values"][0], ours(upright)["pixel_values"][0])
+
+
 def test_return_types_and_batches(ref, ours, photo):
     images = [photo, photo.convert("L"), photo.resize((10, 300))]
     plain = ours(images)["pixel_values"]

@@ -193,6 +193,33 @@ def test_normalization_matches_tokenizers_precompiled(tok, shared_fixtures):
         assert tok._charsmap.normalize(text) == reference.normalize_str(text), [hex(ord(c)) for c in text]
 
 
+def test_normalization_on_grapheme_edge_cases(tok, shared_fixtures):
+    """Sequences where grapheme boundaries decide the result: marks (Mn, Mc, Me) after charsmap keys, prepended
+    concatenation marks, controls, CR LF, emoji and regional indicators, Hangul jamo."""
+    import unicodedata
+
+    from tokenizers import normalizers
+
+    from kosmos2_cli._spm_normalizer import precompiled_charsmap
+
+    reference = normalizers.Precompiled(precompiled_charsmap(SP_MODEL.read_bytes()))
+    spacing = [chr(c) for c in range(0x900, 0x1100) if unicodedata.category(chr(c)) == "Mc"]
+    pools = [
+        spacing + ["\u0e33", "\u0eb3", "\u102b", "\u1038"],
+        [chr(c) for c in range(0x300, 0x370)] + list("\u0483\u0591\u064b\u0610\u20d7\u20e3\ufe0f\u200c\u200d\uff9e"),
+        list("\u0600\u0601\u06dd\u070f\u08e2\u0d4e"),
+        list("\r\n\t\x00\u200b\u2028\ufeff\u00ad\u0085\u180e\u2060"),
+        list("²³¹ªºµ½¼¾ÀÁÂÃÄÅĲĳǅǆǈſƷʰʲaeiouAEIOUnNcCsSzZ<=>"),
+        list("©®\u203c\u2122\u2764\U0001f600\U0001f1e6\U0001f1e8\U0001f3fb"),
+        list("\u1100\u1161\u11a8\uac00\uac01"),
+        list("ab ."),
+    ]
+    rng = random.Random(5)
+    for _ in range(3000):
+        text = "".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(1, 7)))
+        assert tok._charsmap.normalize(text) == reference.normalize_str(text), [hex(ord(c)) for c in text]
+
+
 def test_where_sentencepiece_differs_we_follow_the_reference(ref, tok):
     """Inputs where plain sentencepiece gives other ids than the reference; ours must give the reference's.
 

@@ -164,7 +164,11 @@ class Kosmos2ImageProcessor:
     preprocess = __call__
 
     def preprocess_one(self, image: Any) -> np.ndarray:
-        """One image (PIL image, uint8 array HWC/CHW/HW, or a path) to a (3, H, W) array."""
+        """One image (PIL image, uint8 array HWC/CHW/HW, or a path) to a (3, H, W) array.
+
+        A path is opened with `load_image` (EXIF orientation applied) and then treated like any PIL image, so its
+        transparency is composited onto white; the reference's path loader drops alpha instead.
+        """
         pil = self._as_rgb_image(image)
         if self.do_resize:
             height, width = self._resize_target(pil.height, pil.width)

@@ -154,9 +154,9 @@ class Kosmos2Tokenizer:
         self, ids: int | Iterable[int], skip_special_tokens: bool = False
     ) -> str | None | list[str | None]:
         """Id(s) to token string(s); an id outside the vocabulary gives None (reference: same)."""
+        ids = _to_list(ids)
         if isinstance(ids, int):
             return self._id_to_token(ids)
-        ids = _to_list(ids)
         return [self._id_to_token(i) for i in ids if not (skip_special_tokens and i in self.all_special_ids)]
 
     def _id_to_token(self, index: int) -> str | None:
