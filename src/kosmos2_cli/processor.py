@@ -113,13 +113,14 @@ class Kosmos2Processor:
         """
         if images is None and text is None:
             raise ValueError("You have to specify either images or text.")
+        # Prompts first: a mismatch between texts, images and boxes fails before any image is decoded.
+        prompts = None if text is None else self.preprocess_examples(text, images, bboxes, num_image_tokens)
         encoding = BatchFeature()
         if images is not None:
             encoding.update(self.image_processor(images, return_tensors=return_tensors))
-        if text is None:
+        if prompts is None:
             return encoding
 
-        prompts = self.preprocess_examples(text, images, bboxes, num_image_tokens=num_image_tokens)
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
         # The reference prepends the string "<s>" (or, with add_eos_token, lets the tokenizer wrap in <s> ... </s>).
