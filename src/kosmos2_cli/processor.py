@@ -102,6 +102,7 @@ class Kosmos2Processor:
         padding: bool | str = False,
         padding_side: str | None = None,
         return_tensors: str | None = None,
+        pixels: bool = True,
     ) -> BatchFeature:
         """Model inputs: `pixel_values` for images; `input_ids`, `attention_mask` for text; with both, also
         `image_embeds_position_mask` (1 where the image features go).
@@ -110,13 +111,16 @@ class Kosmos2Processor:
         list of boxes; a box is (patch_index, patch_index) ints or normalized (x1, y1, x2, y2) floats. For a batch
         of texts, a list of such lists. Texts with images are always padded to the longest (as in the
         reference); text alone only with `padding=True`.
+
+        `pixels=False` builds only the text side of an image+text call, for images whose embeddings the caller
+        already has (one encoding serves many prompts).
         """
         if images is None and text is None:
             raise ValueError("You have to specify either images or text.")
         # Prompts first: a mismatch between texts, images and boxes fails before any image is decoded.
         prompts = None if text is None else self.preprocess_examples(text, images, bboxes, num_image_tokens)
         encoding = BatchFeature()
-        if images is not None:
+        if images is not None and pixels:
             encoding.update(self.image_processor(images, return_tensors=return_tensors))
         if prompts is None:
             return encoding

@@ -1,0 +1,211 @@
+"""The small scripting API: `Kosmos2.from_pretrained(...).caption(image)` and friends, returning typed results.
+
+It owns the data path from pictures to `Result`s: prompt, processor, one batched `generate`, post-processing,
+and pixel boxes in the original image's coordinates.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from kosmos2_cli import prompts
+from kosmos2_cli.hub import DEFAULT_MODEL
+from kosmos2_cli.results import Entity, Result, to_pixels
+
+ImageInput = str | Path | Image.Image
+
+
+@dataclass
+class GenerationOptions:
+    """How tokens are chosen; defaults are the model card's (greedy, up to 128 new tokens)."""
+
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = 50
+    seed: int | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(
+            max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+        )
+
+
+@dataclass
+class Job:
+    """One prompt for one image; `image_index` says which picture of the batch it reads."""
+
+    image_index: int
+    task: str
+    prompt: str
+    extra: dict[str, Any]
+
+
+class Kosmos2:
+    """A loaded model and processor, with one method per task of the model card."""
+
+    def __init__(self, model, processor, options: GenerationOptions | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.options = options or GenerationOptions()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path = DEFAULT_MODEL,
+        *,
+        revision: str | None = None,
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        options: GenerationOptions | None = None,
+    ) -> Kosmos2:
+        from kosmos2_cli.hub import resolve_model_dir
+        from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+        from kosmos2_cli.processor import Kosmos2Processor
+
+        folder = resolve_model_dir(name_or_path, revision=revision)
+        model = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype=dtype)
+        return cls(model, Kosmos2Processor.from_pretrained(folder), options)
+
+    # -- tasks ------------------------------------------------------------------------------------------------
+
+    def caption(self, images: ImageInput | Sequence[ImageInput], detailed: bool = False, **options):
+        """'An image of ...' (or a detailed description) with its phrases grounded."""
+        return self._single_or_list(images, lambda i: [Job(i, "caption", prompts.caption_prompt(detailed), {})],
+                                    options)
+
+    def ask(self, images: ImageInput | Sequence[ImageInput], question: str, **options):
+        """The answer to a question about the picture, with grounded phrases."""
+        prompt = prompts.ask_prompt(question)
+        return self._single_or_list(images, lambda i: [Job(i, "ask", prompt, {"question": question})], options)
+
+    def ground(self, images: ImageInput | Sequence[ImageInput], phrases: str | Sequence[str], **options):
+        """Where each phrase is: one image encoding, all phrases generated as one batch."""
+        phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+        if not phrases:
+            raise prompts.PromptError("give at least one phrase")
+        built = [prompts.ground_prompt(p) for p in phrases]
+        return self._single_or_list(
+            images, lambda i: [Job(i, "ground", p, {"phrase": " ".join(ph.split())}) for p, ph in
+                               zip(built, phrases, strict=True)], options)
+
+    def refer(self, images: ImageInput | Sequence[ImageInput], box: Sequence[float], normalized: bool = False,
+              **options):
+        """A description of what is inside `box` (pixels of the image, or 0..1 with `normalized`)."""
+        return self._single_or_list(images, lambda i: [Job(i, "refer", "", {"box": tuple(box),
+                                                                          "normalized": normalized})], options)
+
+    # -- machinery --------------------------------------------------------------------------------------------
+
+    def _single_or_list(self, images, jobs_for, options):
+        single = isinstance(images, (str, Path, Image.Image))
+        items = [images] if single else list(images)
+        loaded = [self._load(item) for item in items]
+        jobs = [job for index in range(len(loaded)) for job in jobs_for(index)]
+        results = self.run(loaded, jobs, **options)
+        return results[0] if single and len(results) == 1 else results
+
+    @staticmethod
+    def _load(item: ImageInput) -> tuple[str, Image.Image]:
+        if isinstance(item, Image.Image):
+            return getattr(item, "filename", "") or "<image>", item
+        from kosmos2_cli.images import load_image
+
+        return str(item), load_image(item)
+
+    @torch.no_grad()
+    def run(self, images: Sequence[tuple[str, Image.Image]], jobs: Sequence[Job], image_embeds=None,
+            **options) -> list[Result]:
+        """Run `jobs` over `images`: each image is encoded once, then the prompts decode as batches.
+
+        `image_embeds` (one row per image) skips the image encoder, e.g. when the caller encoded ahead.
+        """
+        opts = GenerationOptions(**{**self.options.__dict__, **options})
+        jobs = [self._with_refer_prompt(job, images[job.image_index][1]) for job in jobs]
+        if image_embeds is None:
+            image_embeds = self.encode_images([image for _, image in images])
+        results: dict[int, Result] = {}
+        # `ground` rows stop at their first </object>; other tasks must not, so they decode apart.
+        for grounding in (False, True):
+            picked = [i for i, job in enumerate(jobs) if (job.task == "ground") == grounding]
+            if picked:
+                decoded = self._decode([jobs[i] for i in picked], [im for _, im in images], image_embeds, opts,
+                                       grounding)
+                for i, text in zip(picked, decoded, strict=True):
+                    name, image = images[jobs[i].image_index]
+                    results[i] = self._result(jobs[i], name, image, text)
+        return [results[i] for i in range(len(jobs))]
+
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Image embeddings for the decoder, one row per image."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return self.model.get_image_features(pixels.to(self.model.device))
+
+    def _decode(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
+                opts: GenerationOptions, grounding: bool) -> list[str]:
+        batch = self.processor(
+            text=[job.prompt for job in jobs], images=[images[job.image_index] for job in jobs], pixels=False,
+            num_image_tokens=self.model.config.latent_query_num, return_tensors="pt",
+        )
+        rows = torch.tensor([job.image_index for job in jobs], device=image_embeds.device)
+        stop = [self.processor.tokenizer.convert_tokens_to_ids("</object>")] if grounding else []
+        generated = self.model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            image_embeds=image_embeds.index_select(0, rows),
+            image_embeds_position_mask=batch["image_embeds_position_mask"], stop_token_ids=stop, **opts.kwargs(),
+        )
+        return self.processor.batch_decode(generated, skip_special_tokens=True)
+
+    def _with_refer_prompt(self, job: Job, image: Image.Image) -> Job:
+        if job.task != "refer" or job.prompt:
+            return job
+        box = prompts.normalize_box(job.extra["box"], image.width, image.height, job.extra["normalized"])
+        cells = prompts.box_to_cells(box)
+        extra = {"box": [round(v, 6) for v in box], "box_px": list(to_pixels(box, image.width, image.height)),
+                 "cells": list(cells)}
+        return Job(job.image_index, "refer", prompts.refer_prompt(cells), extra)
+
+    def _result(self, job: Job, name: str, image: Image.Image, decoded: str) -> Result:
+        raw = self.processor.post_process_generation(decoded, cleanup_and_extract=False)
+        text, found = self.processor.post_process_generation(decoded)
+        width, height = image.size
+        prefix = ""
+        if job.task == "ground":
+            return self._ground_result(job, name, image, raw)
+        if job.task in ("ask", "refer"):
+            prefix, _ = self.processor.post_process_generation(job.prompt)
+            prefix = prefix.strip()
+        entities = []
+        start = 0
+        if prefix and text.startswith(prefix):
+            start = len(text) - len(text[len(prefix):].lstrip())
+        for phrase, (a, b), boxes in found:
+            if a < start:
+                continue  # a phrase of the prompt (refer's "It"), not of the answer
+            entities.append(Entity(phrase, (a - start, b - start), [tuple(x) for x in boxes],
+                                   [to_pixels(x, width, height) for x in boxes]))
+        return Result(name, width, height, job.task, job.prompt, text[start:], entities, raw, dict(job.extra))
+
+    def _ground_result(self, job: Job, name: str, image: Image.Image, raw: str) -> Result:
+        from kosmos2_cli.postprocess import patch_index_to_coordinate
+
+        phrase = job.extra["phrase"]
+        after = raw.split("</phrase>", 1)[-1]  # what the model wrote after the phrase
+        placed = re.search(r"<object>(.*?)</object>", after)
+        cells = re.findall(r"<patch_index_(\d+)><patch_index_(\d+)>", placed.group(1)) if placed else []
+        boxes = [patch_index_to_coordinate(int(a), int(b), prompts.GRID) for a, b in cells]
+        width, height = image.size
+        entities = [Entity(phrase, (0, len(phrase)), boxes, [to_pixels(b, width, height) for b in boxes])] if (
+            boxes) else []
+        return Result(name, width, height, "ground", job.prompt, phrase, entities, raw,
+                      {**job.extra, "found": bool(boxes)})
