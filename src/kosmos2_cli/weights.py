@@ -1,6 +1,8 @@
 """Reading and writing checkpoints: safetensors only, tensor by tensor, straight to the target device and dtype.
 
-Nothing is ever unpickled. A missing, unexpected or mis-shaped tensor is an error that names it.
+Nothing is ever unpickled. A missing, unexpected or mis-shaped tensor is an error that names it. Files are
+memory-mapped: a tensor kept in the file's dtype on the CPU is the file's pages (no copy); a converted one
+(another dtype, int8, a GPU) hands its pages back once converted, so the peak stays near the model's own size.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from kosmos2_cli.safetensors_mmap import MappedSafetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -48,16 +52,23 @@ def weight_files(folder: Path) -> list[Path]:
     raise WeightsError(f"{folder}: no {SINGLE_FILE} (or {INDEX_FILE}) in the model folder")
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, object]]:
-    from safetensors import SafetensorError, safe_open
-
+def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, MappedSafetensors]]:
     for path in files:
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for key in handle.keys():
-                    yield path, key, handle
-        except SafetensorError as err:
+            mapped = MappedSafetensors(path)
+        except (OSError, ValueError) as err:
             raise WeightsError(f"{path}: not a valid safetensors file ({err})") from err
+        for key in mapped.keys():
+            yield path, key, mapped
+        mapped.trim()
+
+
+def _to_target(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The file's tensor on `device` in `dtype`; on the CPU in the file's own dtype it stays a view of the map."""
+    if not view.is_floating_point():
+        return view.to(device)
+    # On a GPU, convert after the copy: the host never holds a converted second copy.
+    return view.to(device).to(dtype) if device.type == "cuda" else view.to(dtype).to(device)
 
 
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
@@ -72,32 +83,38 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
     """Fill a model built on the meta device from the checkpoint in `folder`."""
     expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
+    # Modules that quantize their own weight (kosmos2_cli.quant) hold no float `weight`; they name its shape.
+    expected.update({f"{name}.weight": torch.Size(module.weight_shape) for name, module in model.named_modules()
+                     if hasattr(module, "take_weight")})
     tied = getattr(model.config.text_config, "tie_word_embeddings", True)
     head = "text_model.lm_head.weight"
     optional = {head} if tied else set()
     loaded: set[str] = set()
     unexpected: list[str] = []
     convert = getattr(model, "convert_loaded_tensor", None)
-    for path, key, handle in _tensors(weight_files(folder)):
+    for path, key, mapped in _tensors(weight_files(folder)):
         if key not in expected:
             if not _REBUILT.search(key) and key != head:
                 unexpected.append(key)
             continue
         if key == head and tied:
             continue
-        shape = tuple(handle.get_slice(key).get_shape())
+        shape = mapped.shape(key)
         if shape != tuple(expected[key]):
             raise WeightsError(f"{path.name}: tensor {key} has shape {list(shape)}, the config needs "
                                f"{list(expected[key])} (is config.json from the same model?)")
-        tensor = handle.get_tensor(key)
-        if tensor.is_floating_point():
-            # On a GPU, convert after the copy: the host never holds a converted second copy.
-            tensor = tensor.to(device).to(dtype) if device.type == "cuda" else tensor.to(dtype).to(device)
+        view = mapped.tensor(key)
+        owner_name, _, attr = key.rpartition(".")
+        take = getattr(model.get_submodule(owner_name), "take_weight", None) if attr == "weight" else None
+        if take is not None:
+            take(view, mapped.release)  # e.g. int8 layers quantize block by block, handing pages back
         else:
-            tensor = tensor.to(device)
-        if convert is not None:
-            tensor = convert(key, tensor)
-        _set_tensor(model, key, tensor)
+            tensor = _to_target(view, device, dtype)
+            if tensor.data_ptr() != view.data_ptr():
+                mapped.release(view)  # converted or copied: the file's pages are no longer needed
+            if convert is not None:
+                tensor = convert(key, tensor)
+            _set_tensor(model, key, tensor)
         loaded.add(key)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -125,6 +142,9 @@ def save_weights(model: nn.Module, folder: Path) -> None:
     """Write `model.safetensors` as the reference does (the tied head is left out)."""
     from safetensors.torch import save_file
 
+    if any(hasattr(module, "take_weight") for module in model.modules()):
+        raise ValueError("an int8 model cannot be saved (checkpoints hold float weights); load the model in "
+                         "float32 or bfloat16 to save it")
     folder.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     if getattr(model.config.text_config, "tie_word_embeddings", True):
