@@ -13,6 +13,9 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
+    # Weight-only int8 (CPU): int8 weights with per-channel scales, float activations; see kosmos2_cli.quant.
+    "int8": torch.int8,
+    "qint8": torch.int8,
 }
 
 
@@ -39,8 +42,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 elsewhere."""
+    """`auto`: bf16 on CUDA that supports it, fp16 on older CUDA, fp32 elsewhere. `int8` is CPU-only."""
     if isinstance(dtype, torch.dtype):
+        if dtype == torch.int8 and device.type != "cpu":
+            return resolve_dtype("int8", device)
         return dtype
     name = (dtype or "auto").strip().lower().removeprefix("torch.")
     if name == "auto":
@@ -48,5 +53,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
-    return DTYPES[name]
+        raise ValueError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16, float16 or int8)")
+    resolved = DTYPES[name]
+    if resolved == torch.int8 and device.type != "cpu":
+        raise ValueError(f"dtype int8 runs on the CPU only (device {device}); on a GPU use bfloat16 or float16")
+    return resolved

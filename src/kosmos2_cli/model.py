@@ -372,7 +372,10 @@ class Kosmos2PreTrainedModel(nn.Module):
         torch_dtype: str | torch.dtype | None = None,
         **_ignored: Any,
     ):
-        """Load a local folder or hub repo id; weights go straight to `device` in `dtype` (default: the file's)."""
+        """Load a local folder or hub repo id; weights go straight to `device` in `dtype` (default: the file's).
+
+        `dtype="int8"` (CPU only): weight-only int8 with per-channel scales, quantized while loading; see `quant`.
+        """
         from kosmos2_cli.devices import resolve_device, resolve_dtype
         from kosmos2_cli.hub import resolve_model_dir
         from kosmos2_cli.weights import load_weights
@@ -381,9 +384,14 @@ class Kosmos2PreTrainedModel(nn.Module):
         config = Kosmos2Config.from_json_file(folder / "config.json")
         target = resolve_device(device)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
+        quantized = target_dtype == torch.int8
         with torch.device("meta"):
             model = cls(config)
-        load_weights(model, folder, device=target, dtype=target_dtype)
+            if quantized:
+                from kosmos2_cli.quant import quantize_modules
+
+                quantize_modules(model)  # int8 weights, quantized as they are read; the rest in float32
+        load_weights(model, folder, device=target, dtype=torch.float32 if quantized else target_dtype)
         return model.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -394,11 +402,12 @@ class Kosmos2PreTrainedModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.text_model.model.embed_tokens.weight.device
+        return self.text_model.model.layer_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_model.model.embed_tokens.weight.dtype
+        """The activations' dtype (an int8 model computes in float32 between its int8 matrix products)."""
+        return self.text_model.model.layer_norm.weight.dtype
 
     def get_image_features(
         self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, vision_hidden_states: list | None = None
@@ -508,7 +517,11 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
 
     def tie_weights(self) -> None:
         if self.config.text_config.tie_word_embeddings:
-            self.text_model.lm_head.weight = self.text_model.model.embed_tokens.weight
+            head, embed = self.text_model.lm_head, self.text_model.model.embed_tokens
+            if hasattr(head, "share_weight"):
+                head.share_weight(embed)  # int8: one set of rows and scales for both
+            else:
+                head.weight = embed.weight
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.model.embed_tokens

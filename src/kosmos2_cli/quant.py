@@ -1,0 +1,251 @@
+"""Weight-only int8 for the CPU: symmetric int8 weights, a bf16 scale per output channel and group of inputs.
+
+Why: decoding one token reads every decoder weight once, so a token costs what moving the weights costs, and
+int8 moves a quarter of fp32's bytes. Only the weights are rounded: activations stay fp32 between layers and
+go into the matrix products as bf16.
+
+Scales: one per output channel per `GROUP_SIZE` (256) input columns. Per-channel alone (one scale per whole
+row) measured 3.2% relative logits error on full-size random weights; groups of 256 bring it to ~2.5% and
+cost no speed (the int8 kernel is no slower on 256-wide slabs). A width that 256 does not divide gets one
+scale per channel. Scales are rounded *up* to bf16 values before the weights are rounded, so the bf16 scales
+the kernel takes are exact and the weights' own rounding is the only error.
+
+Layout: `qweight` is (groups, out_features, group_size), each group's slab contiguous for the kernel.
+
+Kernels, by how many rows go through the layer at once:
+- a few rows (decoding steps, small batches or beams): `aten._weight_int8pack_mm` on each group's slab, which
+  reads the int8 weights directly;
+- many rows (the image encoder, the prompt): that kernel is compute-bound and slow there, so the weights are
+  dequantized to bf16 a cache-sized block of channels at a time and multiplied by the bf16 GEMM (fast where the
+  CPU has bf16 instructions); no full bf16 copy of a layer is ever made.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+COMPUTE_DTYPE = torch.bfloat16
+GROUP_SIZE = 256
+# Up to this many rows the int8 GEMV kernel wins; beyond it, dequantized blocks + bf16 GEMM.
+GEMV_MAX_ROWS = 8
+# Elements of one dequantized block: 1 Mi bf16 = 2 MiB, about one core's L2 cache.
+DEQUANT_BLOCK = 1 << 20
+# Elements quantized at a time while loading (a 4 MiB float scratch block).
+QUANT_BLOCK = 1 << 20
+
+Release = Callable[[Tensor], None]
+
+
+def group_size_for(in_features: int, group_size: int = GROUP_SIZE) -> int:
+    """`group_size` where it divides the width, else the whole width (one scale per channel)."""
+    return group_size if 0 < group_size < in_features and in_features % group_size == 0 else in_features
+
+
+def kernel_ok(group_size: int) -> bool:
+    """Whether `_weight_int8pack_mm` can take slabs this wide: it returns garbage (or crashes) unless the
+    reduction width is a multiple of 16."""
+    return group_size % 16 == 0 and group_size > 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def bf16_scales(absmax: Tensor) -> Tensor:
+    """absmax / 127, rounded up to the next bf16 value (so |w| / scale <= 127 still holds); 1 for zeros."""
+    scale = torch.where(absmax > 0, absmax.float() / 127, torch.ones_like(absmax, dtype=torch.float32))
+    rounded = scale.to(torch.bfloat16)
+    low = rounded.float() < scale
+    bumped = (rounded.view(torch.int16) + 1).view(torch.bfloat16)  # the next value up (scales are positive)
+    return torch.where(low, bumped, rounded)
+
+
+_scratch = threading.local()
+
+
+def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """A scratch block reused per thread: allocating big temporaries over and over costs page faults and
+    fragments the heap (measured: +1.2 GB freed-but-held after quantizing the full model with temporaries)."""
+    buffers = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (name, dtype, str(device))
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def quantize(weight: Tensor, group_size: int | None = None, release: Release | None = None) -> tuple[Tensor, Tensor]:
+    """(out, in) float weight -> qweight (groups, out, group) int8 and scales (groups, out) bf16.
+
+    Works a block of rows at a time through one reused float scratch block (no full-size float temporary);
+    `release(block)` is called on each finished block of the source, so a memory-mapped checkpoint's pages are
+    handed back while loading.
+    """
+    rows, cols = weight.shape
+    size = group_size_for(cols) if group_size is None else group_size
+    if cols % size:
+        raise ValueError(f"group size {size} does not divide the width {cols}")
+    groups = cols // size
+    q = torch.empty((groups, rows, size), dtype=torch.int8, device=weight.device)
+    scales = torch.empty((groups, rows), dtype=torch.bfloat16, device=weight.device)
+    step = max(1, QUANT_BLOCK // cols)
+    scratch = _buffer("quantize", min(step, rows) * cols, torch.float32, weight.device)
+    for start in range(0, rows, step):
+        source = weight[start : start + step]
+        block = scratch[: source.numel()].view(len(source), groups, size)
+        block.copy_(source.view(len(source), groups, size))
+        scale = bf16_scales(torch.maximum(block.amax(dim=2), block.amin(dim=2).neg_()))
+        block.div_(scale.float()[:, :, None]).round_().clamp_(-127, 127)
+        q[:, start : start + step].copy_(block.transpose(0, 1))
+        scales[:, start : start + step] = scale.t()
+        if release is not None:
+            release(source)
+    return q, scales
+
+
+def dequantize(qweight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The (out, in) float weights that qweight and scales stand for."""
+    groups, rows, size = qweight.shape
+    full = qweight.to(torch.float32) * scales.to(torch.float32)[:, :, None]
+    return full.transpose(0, 1).reshape(rows, groups * size).to(dtype)
+
+
+def gemv(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x (rows, in) bf16 @ weights.T through the int8 kernel, one group slab at a time; fp32 out."""
+    groups, _, size = qweight.shape
+    if groups == 1:
+        return torch.ops.aten._weight_int8pack_mm(x, qweight[0], scales[0]).float()
+    slabs = x.view(x.shape[0], groups, size).transpose(0, 1).contiguous() if x.shape[0] > 1 else x.view(groups, 1, size)
+    out = torch.ops.aten._weight_int8pack_mm(slabs[0], qweight[0], scales[0]).float()
+    for g in range(1, groups):
+        out += torch.ops.aten._weight_int8pack_mm(slabs[g], qweight[g], scales[g])
+    return out
+
+
+def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x (rows, in) bf16 @ weights.T by the bf16 GEMM, dequantizing one cache-sized block of channels at a time."""
+    groups, out_features, size = qweight.shape
+    in_features = groups * size
+    out = x.new_empty((x.shape[0], out_features))
+    step = max(1, DEQUANT_BLOCK // in_features)
+    block = _buffer("dequantize", min(step, out_features) * in_features, COMPUTE_DTYPE, x.device)
+    for start in range(0, out_features, step):
+        stop = min(start + step, out_features)
+        weights = block[: (stop - start) * in_features].view(stop - start, groups, size)
+        torch.mul(qweight[:, start:stop].transpose(0, 1), scales[:, start:stop].t()[:, :, None], out=weights)
+        torch.mm(x, weights.view(stop - start, in_features).t(), out=out[:, start:stop])
+    return out
+
+
+def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """x (rows, in), any float dtype -> x @ weights.T (rows, out), by the kernel that suits the row count."""
+    x = x.to(COMPUTE_DTYPE).contiguous()
+    if x.shape[0] <= GEMV_MAX_ROWS and kernel_ok(qweight.shape[2]):
+        return gemv(x, qweight, scales)
+    return dequant_matmul(x, qweight, scales)
+
+
+class Int8Weight(nn.Module):
+    """Holds an int8 weight (`qweight`, `scales`) and fills it from a checkpoint's float (out, in) tensor.
+
+    The loader's protocol: `weight_shape` is the checkpoint tensor's shape; `take_weight(tensor, release)`
+    quantizes it (no float copy is kept). The buffers are left out of the state dict: checkpoints hold floats.
+    """
+
+    def _init_weight(self, rows: int, cols: int, device: torch.device | str | None, group_size: int) -> None:
+        size = group_size_for(cols, group_size)
+        self.weight_shape = (rows, cols)
+        self.group_size = size
+        self.register_buffer("qweight", torch.zeros((cols // size, rows, size), dtype=torch.int8, device=device),
+                             persistent=False)
+        self.register_buffer("scales", torch.ones((cols // size, rows), dtype=torch.bfloat16, device=device),
+                             persistent=False)
+
+    def take_weight(self, source: Tensor, release: Release | None = None) -> None:
+        if tuple(source.shape) != self.weight_shape:
+            raise ValueError(f"weight of shape {list(source.shape)} for an int8 layer of {list(self.weight_shape)}")
+        self.qweight, self.scales = quantize(source, self.group_size, release)
+
+    def share_weight(self, other: Int8Weight) -> None:
+        """Use another module's int8 rows and scales (the tied embedding / language-model head)."""
+        self.qweight, self.scales, self.group_size = other.qweight, other.scales, other.group_size
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.qweight, self.scales, dtype)
+
+
+class Int8Linear(Int8Weight):
+    """`nn.Linear` with int8 weights; the output has the input's dtype, the bias is added in fp32."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 group_size: int = GROUP_SIZE) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight(out_features, in_features, device, group_size)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def like(cls, linear: nn.Linear, group_size: int = GROUP_SIZE) -> Int8Linear:
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
+                   linear.weight.dtype, group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        out = int8_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales).float()
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype).view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}")
+
+
+class Int8Embedding(Int8Weight):
+    """`nn.Embedding` with int8 rows; looked-up rows are dequantized to the model's float dtype."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 group_size: int = GROUP_SIZE) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.out_dtype = dtype
+        self._init_weight(num_embeddings, embedding_dim, device, group_size)
+
+    @classmethod
+    def like(cls, embedding: nn.Embedding, group_size: int = GROUP_SIZE) -> Int8Embedding:
+        return cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
+                   embedding.weight.device, embedding.weight.dtype, group_size)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = self.qweight[:, flat].to(torch.float32) * self.scales[:, flat].to(torch.float32)[:, :, None]
+        return rows.transpose(0, 1).reshape(*ids.shape, self.embedding_dim).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8, group_size={self.group_size}"
+
+
+def quantize_modules(model: nn.Module, group_size: int = GROUP_SIZE) -> nn.Module:
+    """Swap every `nn.Linear` and the token embedding of a (meta-device) model for int8 twins, in place.
+
+    Done before loading, so the loader quantizes each checkpoint tensor as it reads it. Norms, biases, the
+    patch convolution, the image position table (resized as a table) and the learned queries stay in float.
+    """
+    token_embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear.like(child, group_size))
+            elif child is token_embedding:
+                setattr(module, name, Int8Embedding.like(child, group_size))
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Weight) for m in model.modules())
