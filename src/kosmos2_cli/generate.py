@@ -77,6 +77,7 @@ def generate(
     *,
     max_new_tokens: int | None = None,
     max_length: int | None = None,
+    min_new_tokens: int = 0,
     do_sample: bool = False,
     num_beams: int = 1,
     temperature: float = 1.0,
@@ -96,6 +97,8 @@ def generate(
     """Prompt + generated tokens, shape (batch, prompt + steps); rows that stop early are filled with padding.
 
     `stop_token_ids` end a row like EOS does (the stop token is kept): `kosmos2 ground` stops at `</object>`.
+    `min_new_tokens` forbids EOS and the stop tokens before that many new tokens (as the reference does; the
+    benchmarks use it to time a fixed number of tokens).
     `seed` (or `generator`) makes sampling repeatable; with the same seed it draws what
     `torch.manual_seed(seed)` + the reference draw.
     """
@@ -128,20 +131,29 @@ def generate(
     if num_beams > 1:
         new = _beam_search(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask, num_beams,
                            max_new_tokens, stops, pad, length_penalty, early_stopping, do_sample, temperature,
-                           top_k, top_p, generator)
+                           top_k, top_p, generator, min_new_tokens)
     else:
         decoder = Decoder(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask,
                           prompt_len + max_new_tokens)
-        new = _sample(decoder, batch, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator)
+        new = _sample(decoder, batch, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
+                      min_new_tokens)
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
 
+def _forbid_stops(scores: Tensor, stops: Tensor) -> Tensor:
+    """Scores with the stop tokens made impossible (`min_new_tokens` not reached yet)."""
+    return scores.index_fill(-1, stops, -float("inf"))
+
+
 def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
-            temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None) -> Tensor:
+            temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None,
+            min_new_tokens: int = 0) -> Tensor:
     running = torch.ones(batch, dtype=torch.bool, device=stops.device)
     tokens: list[Tensor] = []
     logits = decoder.prefill()
     for step in range(max_new_tokens):
+        if step < min_new_tokens:
+            logits = _forbid_stops(logits, stops)
         if do_sample:
             probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -158,7 +170,7 @@ def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pa
 
 def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: int, max_new_tokens: int,
                  stops: Tensor, pad: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
-                 temperature: float, top_k: int | None, top_p: float, generator) -> Tensor:
+                 temperature: float, top_k: int | None, top_p: float, generator, min_new_tokens: int = 0) -> Tensor:
     """The reference's vectorised beam search (keep 2*beams candidates, finished hypotheses kept apart)."""
     batch, prompt_len = input_ids.shape
     beams = num_beams
@@ -186,6 +198,8 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
     cur = prompt_len
     while True:
         log_probs = F.log_softmax(logits, dim=-1)
+        if cur - prompt_len < min_new_tokens:
+            log_probs = _forbid_stops(log_probs, stops)
         if do_sample:
             log_probs = warp_logits(log_probs, temperature, top_k, top_p, keep=1 + len(stops))
         vocab = log_probs.shape[-1]

@@ -94,10 +94,12 @@ def quantize(weight: Tensor, group_size: int | None = None, release: Release | N
     scratch = _buffer("quantize", min(step, rows) * cols, torch.float32, weight.device)
     for start in range(0, rows, step):
         source = weight[start : start + step]
-        block = scratch[: source.numel()].view(len(source), groups, size)
-        block.copy_(source.view(len(source), groups, size))
-        scale = bf16_scales(torch.maximum(block.amax(dim=2), block.amin(dim=2).neg_()))
-        block.div_(scale.float()[:, :, None]).round_().clamp_(-127, 127)
+        grouped = source.view(len(source), groups, size)
+        low, high = torch.aminmax(grouped, dim=2)
+        scale = bf16_scales(torch.maximum(high.float(), low.float().neg_()))
+        block = scratch[: source.numel()].view(grouped.shape)
+        # |w| / scale <= 127 by the scale's rounding up, so rounding alone lands in [-127, 127].
+        torch.div(grouped, scale.float()[:, :, None], out=block).round_()
         q[:, start : start + step].copy_(block.transpose(0, 1))
         scales[:, start : start + step] = scale.t()
         if release is not None:
