@@ -58,7 +58,7 @@ def _expand_one(given: str) -> Iterator[str]:
         yield str(path)
         return
     if _is_glob(given):
-        matches = sorted(glob.glob(os.path.expanduser(given), recursive=True))
+        matches = sorted(glob.glob(_any_case_extension(os.path.expanduser(given)), recursive=True))
         for match in matches:
             if Path(match).is_dir():
                 yield from _walk(Path(match))
@@ -80,6 +80,14 @@ def _walk(folder: Path) -> Iterator[str]:
         for name in sorted(files):
             if not name.startswith(".") and is_image_name(name):
                 yield str(Path(root) / name)
+
+
+def _any_case_extension(pattern: str) -> str:
+    """`*.jpg` -> `*.[jJ][pP][gG]`: a glob's literal extension matches in any case, as image extensions do."""
+    head, dot, extension = pattern.rpartition(".")
+    if not dot or not extension.isalnum() or "/" in extension or os.sep in extension:
+        return pattern
+    return head + dot + "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else c for c in extension)
 
 
 def _is_glob(text: str) -> bool:
