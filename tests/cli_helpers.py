@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,6 +113,7 @@ def json_lines(text: str) -> list[dict]:
 
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # see `one_thread`
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(extra)
     return env
@@ -125,3 +127,36 @@ def kosmos2_command() -> list[str]:
 def run_kosmos2(args: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([*kosmos2_command(), *map(str, args)], capture_output=True, text=True, timeout=timeout,
                           env=subprocess_env(), **kwargs)
+
+
+def cache_processors(monkeypatch) -> None:
+    """Load each model folder's tokenizer once per test session (it dominates a tiny model's start-up)."""
+    from kosmos2_cli.processor import Kosmos2Processor
+
+    original = Kosmos2Processor.from_pretrained.__func__
+    cache = _PROCESSORS
+
+    def cached(cls, name_or_path, revision=None):
+        key = (str(name_or_path), revision)
+        if key not in cache:
+            cache[key] = original(cls, name_or_path, revision)
+        return cache[key]
+
+    monkeypatch.setattr(Kosmos2Processor, "from_pretrained", classmethod(cached))
+
+
+_PROCESSORS: dict = {}
+
+
+
+@pytest.fixture
+def quick(monkeypatch):
+    """Cached tokenizers, and one torch thread: for tiny models on a shared machine, one thread is several times
+    faster than waiting for a second."""
+    import torch
+
+    cache_processors(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,6 +6,8 @@ Nothing heavy is imported here: torch, the model and OpenCV load inside the comm
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -248,7 +250,9 @@ def batch(
                  question=question)
     if retry_failed and overwrite:
         raise CliError("--retry-failed and --overwrite do not go together")
-    raise typer.Exit(run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed))
+    with _interruptible():
+        code = run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -293,7 +297,18 @@ def _spec(build, task: str, **args):
 def _run(spec, images: list[str], settings: Settings) -> None:
     from kosmos2_cli.run import run_task
 
-    raise typer.Exit(run_task(spec, images, settings))
+    with _interruptible():
+        code = run_task(spec, images, settings)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _interruptible() -> Iterator[None]:
+    """Ctrl-C: one line and exit status 130 (Typer would exit silently)."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        raise CliError("interrupted", ExitCode.INTERRUPTED) from err
 
 
 def main() -> None:
