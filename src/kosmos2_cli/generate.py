@@ -43,27 +43,85 @@ def warp_logits(scores: Tensor, temperature: float, top_k: int | None, top_p: fl
 
 
 class Decoder:
-    """Runs the model one call at a time over a cache: prefill once, then one token per step."""
+    """Runs the model over a cache: a prompt once (prefill), then one token per row per step.
 
-    def __init__(self, model, image_embeds: Tensor, input_ids: Tensor, valid: Tensor, image_mask: Tensor | None,
-                 capacity: int) -> None:
+    A decoder is kept per (batch, capacity) and reused across `generate` calls. With `graphs` (CUDA), the decode
+    step is captured once as a CUDA graph over the fixed-shape cache and replayed: one launch per token instead
+    of hundreds of small ones.
+    """
+
+    def __init__(self, model, batch: int, capacity: int, device: torch.device, graphs: bool) -> None:
         self.model = model
-        batch, length = input_ids.shape
-        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, input_ids.device, model.dtype)
-        self.prefill_args = (input_ids, valid, image_embeds, image_mask)
+        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, device, model.dtype)
+        self.graphs = graphs
+        self.static = graphs  # fixed-shape attention over the whole cache (what a graph needs); tests force it
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if graphs:
+            model.text_model.model.ensure_positions(capacity + 2)
 
-    def prefill(self) -> Tensor:
-        input_ids, valid, image_embeds, image_mask = self.prefill_args
-        self.prefill_args = None
-        return self._logits(input_ids, valid, image_embeds, image_mask)
+    @classmethod
+    def for_model(cls, model, batch: int, needed: int, device: torch.device) -> Decoder:
+        """The model's decoder for this shape (capacity rounded up so nearby lengths share one)."""
+        capacity = -(-needed // 64) * 64
+        graphs = device.type == "cuda"
+        decoders: dict = model.__dict__.setdefault("_decoders", {})
+        key = (batch, capacity, device, model.dtype, graphs)
+        if key not in decoders:
+            while len(decoders) >= 2:  # each holds a KV cache: keep the two most recent shapes
+                decoders.pop(next(iter(decoders)))
+            decoders[key] = cls(model, batch, capacity, device, graphs)
+        decoders[key] = decoders.pop(key)  # most recently used last
+        return decoders[key]
+
+    def prefill(self, input_ids: Tensor, valid: Tensor, image_embeds: Tensor | None,
+                image_mask: Tensor | None) -> Tensor:
+        cache = self.cache
+        cache.static = False  # the prompt attends over its own length only
+        cache.length = 0
+        cache.valid.zero_()
+        cache.real_tokens.zero_()
+        cache.next_slot.zero_()
+        logits = self._logits(input_ids, valid, image_embeds, image_mask)
+        cache.static = self.static
+        return logits
 
     def step(self, tokens: Tensor) -> Tensor:
-        return self._logits(tokens[:, None], None, None, None)
+        if not self.graphs:
+            return self._logits(tokens[:, None], None, None, None)
+        if self.graph is None:
+            self._capture(tokens)
+        self.tokens.copy_(tokens)
+        self.graph.replay()
+        return self.logits
 
     def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask) -> Tensor:
         hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
                                               None)
         return self.model.logits(hidden[:, -1]).float()
+
+    def _capture(self, tokens: Tensor) -> None:
+        cache = self.cache
+        state = [t.clone() for t in (cache.valid, cache.real_tokens, cache.next_slot)]
+        self.tokens = tokens.clone()
+        # Warm up on a side stream (allocator, kernels' lazy init), then undo its cache updates.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._logits(self.tokens[:, None], None, None, None)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._restore(state)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._logits(self.tokens[:, None], None, None, None)
+        self._restore(state)
+
+    def _restore(self, state: list[Tensor]) -> None:
+        for saved, live in zip(state, (self.cache.valid, self.cache.real_tokens, self.cache.next_slot),
+                               strict=True):
+            live.copy_(saved)
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
 
 
 @torch.no_grad()
@@ -77,6 +135,7 @@ def generate(
     *,
     max_new_tokens: int | None = None,
     max_length: int | None = None,
+    min_new_tokens: int = 0,
     do_sample: bool = False,
     num_beams: int = 1,
     temperature: float = 1.0,
@@ -96,6 +155,7 @@ def generate(
     """Prompt + generated tokens, shape (batch, prompt + steps); rows that stop early are filled with padding.
 
     `stop_token_ids` end a row like EOS does (the stop token is kept): `kosmos2 ground` stops at `</object>`.
+    Until `min_new_tokens` are generated, EOS is ruled out (as the reference's min-new-tokens processor does).
     `seed` (or `generator`) makes sampling repeatable; with the same seed it draws what
     `torch.manual_seed(seed)` + the reference draw.
     """
@@ -125,23 +185,39 @@ def generate(
         raise ValueError("image_embeds_position_mask is needed to place the image in the prompt")
 
     stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
+    no_eos = _EosBlocker(torch.tensor(eos, device=device), min_new_tokens)
     if num_beams > 1:
         new = _beam_search(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask, num_beams,
                            max_new_tokens, stops, pad, length_penalty, early_stopping, do_sample, temperature,
-                           top_k, top_p, generator)
+                           top_k, top_p, generator, no_eos)
     else:
-        decoder = Decoder(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask,
-                          prompt_len + max_new_tokens)
-        new = _sample(decoder, batch, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator)
+        decoder = Decoder.for_model(model, batch, prompt_len + max_new_tokens, device)
+        logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask)
+        new = _sample(decoder, logits, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
+                      no_eos)
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
 
-def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
-            temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None) -> Tensor:
-    running = torch.ones(batch, dtype=torch.bool, device=stops.device)
+class _EosBlocker:
+    """Sets EOS scores to -inf while fewer than `minimum` tokens are generated."""
+
+    def __init__(self, eos: Tensor, minimum: int) -> None:
+        self.eos, self.minimum = eos, minimum
+
+    def __call__(self, scores: Tensor, step: int) -> Tensor:
+        if step < self.minimum:
+            scores = scores.clone()
+            scores[:, self.eos] = -float("inf")
+        return scores
+
+
+def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
+            temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None,
+            no_eos: _EosBlocker) -> Tensor:
+    running = torch.ones(logits.shape[0], dtype=torch.bool, device=stops.device)
     tokens: list[Tensor] = []
-    logits = decoder.prefill()
     for step in range(max_new_tokens):
+        logits = no_eos(logits, step)
         if do_sample:
             probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -158,7 +234,7 @@ def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pa
 
 def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: int, max_new_tokens: int,
                  stops: Tensor, pad: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
-                 temperature: float, top_k: int | None, top_p: float, generator) -> Tensor:
+                 temperature: float, top_k: int | None, top_p: float, generator, no_eos: _EosBlocker) -> Tensor:
     """The reference's vectorised beam search (keep 2*beams candidates, finished hypotheses kept apart)."""
     batch, prompt_len = input_ids.shape
     beams = num_beams
@@ -169,7 +245,8 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
     def expand(t):
         return None if t is None else t.repeat_interleave(beams, dim=0)
 
-    decoder = Decoder(model, expand(image_embeds), expand(input_ids), expand(valid), expand(image_mask), max_len)
+    decoder = Decoder.for_model(model, batch * beams, max_len, device)
+    logits = decoder.prefill(expand(input_ids), expand(valid), expand(image_embeds), expand(image_mask))
     running = torch.full((batch, beams, max_len), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None]
     running_scores = torch.zeros(batch, beams, device=device)
@@ -182,10 +259,9 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
     top_beams = torch.arange(keep, device=device) < beams
     row_offset = torch.arange(batch, device=device)[:, None] * beams
 
-    logits = decoder.prefill()
     cur = prompt_len
     while True:
-        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs = no_eos(F.log_softmax(logits, dim=-1), cur - prompt_len)
         if do_sample:
             log_probs = warp_logits(log_probs, temperature, top_k, top_p, keep=1 + len(stops))
         vocab = log_probs.shape[-1]
@@ -233,7 +309,7 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
         go_on = bool(improvable.any()) and not (bool(is_finished.all()) and early_stopping is True)
         if not go_on or bool(hits.all()):
             break
-        decoder.cache.reorder(rows)
+        decoder.reorder(rows)
         logits = decoder.step(running[:, :, cur - 1].flatten())
 
     length = int(finished_lengths[:, 0].max())

@@ -87,8 +87,21 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.inner_attn_ln = nn.LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
 
+        self.qkv: tuple[Tensor, Tensor] | None = None
+
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One (3*dim, dim) projection instead of three, for inference; q/k/v_proj become views of it."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            rows = slice(i * weight.shape[1], (i + 1) * weight.shape[1])
+            proj.weight = nn.Parameter(weight[rows], requires_grad=False)
+            proj.bias = nn.Parameter(bias[rows], requires_grad=False)
+        self.qkv = (weight, bias)
 
     def forward(
         self,
@@ -99,10 +112,13 @@ class Attention(nn.Module):
         layer: int = 0,
         slots: Tensor | None = None,
     ) -> Tensor:
-        source = x if kv_source is None else kv_source
-        q = self._split(self.q_proj(x))
-        k = self._split(self.k_proj(source))
-        v = self._split(self.v_proj(source))
+        if self.qkv is not None and kv_source is None:
+            q, k, v = (self._split(t) for t in F.linear(x, *self.qkv).chunk(3, dim=-1))
+        else:
+            source = x if kv_source is None else kv_source
+            q = self._split(self.q_proj(x))
+            k = self._split(self.k_proj(source))
+            v = self._split(self.v_proj(source))
         if cache is not None:
             k, v = cache.update(layer, slots, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
@@ -260,12 +276,16 @@ class TextTransformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
         self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
 
-    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype) -> Tensor:
-        needed = int(position_ids.max()) + 1
-        if needed > self.embed_positions.shape[0]:
-            table = sinusoidal_table(needed + 2, self.config.embed_dim, self.padding_idx)
-            self.embed_positions = table.to(self.embed_positions.device)
-        return self.embed_positions.to(dtype)[position_ids]
+    def ensure_positions(self, count: int) -> None:
+        """Make the sinusoid table cover positions below `count` (it is rebuilt larger when a prompt overruns)."""
+        if count > self.embed_positions.shape[0]:
+            table = sinusoidal_table(count + 2, self.config.embed_dim, self.padding_idx)
+            self.embed_positions = table.to(self.embed_positions)
+
+    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype, check: bool = True) -> Tensor:
+        if check:  # reads the largest position back to the host: not while a CUDA graph is captured
+            self.ensure_positions(int(position_ids.max()) + 1)
+        return self.embed_positions[position_ids].to(dtype)
 
     def embed(
         self,
@@ -282,7 +302,8 @@ class TextTransformer(nn.Module):
             inputs_embeds = inputs_embeds.clone()
             inputs_embeds[where] = image_embeds.to(inputs_embeds).reshape(-1, image_embeds.shape[-1])
         x = inputs_embeds * self.embed_scale
-        return x + self.position_embeddings(position_ids, x.dtype)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return x + self.position_embeddings(position_ids, x.dtype, check=not capturing)
 
     def forward(
         self,
@@ -317,31 +338,28 @@ class TextForCausalLM(TextModel):
 # Whole models
 
 
-def positions_and_mask(
-    input_ids: Tensor | None,
-    attention_mask: Tensor | None,
-    shape: tuple[int, int],
-    device: torch.device,
+def real_tokens(
+    input_ids: Tensor | None, attention_mask: Tensor | None, shape: tuple[int, int], device: torch.device,
     padding_idx: int,
-    cache: KVCache | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Position ids, per-token validity, and the cache slots the new tokens go to.
-
-    A token is real when its id is not padding and the attention mask (if any) keeps it. Positions count real
-    tokens only (padding keeps `padding_idx`), so a left-padded row gets the positions it would have alone.
-    """
-    batch, length = shape
+) -> Tensor:
+    """Which tokens are real: the id is not padding and the attention mask (if any) keeps it."""
     valid = torch.ones(shape, dtype=torch.bool, device=device)
     if input_ids is not None:
         valid &= input_ids.ne(padding_idx)
     if attention_mask is not None:
-        valid &= attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-    start = cache.real_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
-    positions = (torch.cumsum(valid.long(), dim=1) + start[:, None]) * valid + padding_idx
-    slots = None
-    if cache is not None:
-        slots = torch.arange(cache.length, cache.length + length, device=device)
-    return positions, valid, slots
+        valid &= attention_mask[:, -shape[1]:].to(device=device, dtype=torch.bool)
+    return valid
+
+
+def positions_for(valid: Tensor, before: Tensor | None, padding_idx: int) -> Tensor:
+    """Position ids counting real tokens only (padding keeps `padding_idx`, whose sinusoid is zero).
+
+    A left-padded row thus gets the positions it would have alone; `before` counts each row's earlier tokens.
+    """
+    counts = torch.cumsum(valid.long(), dim=1)
+    if before is not None:
+        counts = counts + before[:, None]
+    return counts * valid + padding_idx
 
 
 def attention_mask_for(valid_keys: Tensor, query_slots: Tensor) -> Tensor:
@@ -351,9 +369,9 @@ def attention_mask_for(valid_keys: Tensor, query_slots: Tensor) -> Tensor:
     attends to a padding slot.
     """
     key_slots = torch.arange(valid_keys.shape[1], device=valid_keys.device)
-    causal = key_slots[None, :] <= query_slots[:, None]
-    own = key_slots[None, :] == query_slots[:, None]
-    return ((valid_keys[:, None, :] & causal[None]) | own[None])[:, None]
+    causal = key_slots <= query_slots[..., None]
+    own = key_slots == query_slots[..., None]
+    return ((valid_keys[:, None, :] & causal) | own)[:, None]
 
 
 class Kosmos2PreTrainedModel(nn.Module):
@@ -429,17 +447,17 @@ class Kosmos2PreTrainedModel(nn.Module):
             cache = KVCache.for_model(self.config.text_config, batch, length, reference.device, self.dtype)
         if cache is not None and cache.length > 0:
             image_embeds = None  # already in the cache
-        positions, valid, slots = positions_and_mask(
-            input_ids, attention_mask, (batch, length), reference.device, text.padding_idx, cache
-        )
-        if position_ids is not None:
-            positions = position_ids
+        valid = real_tokens(input_ids, attention_mask, (batch, length), reference.device, text.padding_idx)
+        positions = position_ids
+        if positions is None:
+            positions = positions_for(valid, cache.real_tokens if cache is not None else None, text.padding_idx)
         x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds)
         if cache is not None:
-            cache.append(valid)
-            mask = attention_mask_for(cache.valid[:, : cache.length], slots)
+            slots = cache.append(valid)
+            mask = attention_mask_for(cache.visible_valid(), slots)
         else:
-            mask = attention_mask_for(valid, torch.arange(length, device=x.device))
+            slots = None
+            mask = attention_mask_for(valid, torch.arange(length, device=x.device).expand(batch, length))
         return text(x, mask, cache, slots, hidden_states), cache
 
     def _image_embeds(self, pixel_values, image_embeds, interpolate_pos_encoding, vision_hidden_states):
@@ -505,6 +523,12 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         self.vision_model = VisionModel(config.vision_config)
         self.image_to_text_projection = ImageToTextProjection(config)
         self.tie_weights()
+
+    def fuse_for_inference(self) -> None:
+        """Fused q/k/v projections in the decoder and the image encoder (same numbers, fewer, larger GEMMs)."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.qkv is None:
+                module.fuse_qkv()
 
     def tie_weights(self) -> None:
         if self.config.text_config.tie_word_embeddings:
