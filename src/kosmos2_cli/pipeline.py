@@ -148,8 +148,10 @@ class Kosmos2:
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image embeddings for the decoder, one row per image."""
+        from kosmos2_cli.generate import encode_images
+
         pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return self.model.get_image_features(pixels.to(self.model.device))
+        return encode_images(self.model, pixels.to(self.model.device))
 
     def _decode(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
                 opts: GenerationOptions, grounding: bool) -> list[str]:
