@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma-separated, ours")
     parser.add_argument("--ref-batch-sizes", default=None, help="comma-separated, the reference")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="kernel profile of a decode step, GEMV bandwidth, "
+                        "and a torch.compile trial")
     args = parser.parse_args()
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
@@ -195,7 +197,87 @@ def main() -> None:
         results.setdefault("ours_breakdown", {})[n] = row
         print("breakdown", n, row, flush=True)
 
+    def profile_step():
+        """Which kernels one batch-1 decode step spends its time in (run eagerly: a graph hides them)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from kosmos2_cli.generate import Decoder
+
+        model, inputs = state["ours"], batch_of(1)
+        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        with torch.no_grad():
+            embeds = model.get_image_features(inputs["pixel_values"])
+            decoder = Decoder.for_model(model, 1, ids.shape[1] + NEW_TOKENS, device)
+            decoder.prefill(ids, valid, embeds, inputs["image_embeds_position_mask"])
+            token = torch.full((1,), 5, dtype=torch.long, device=device)
+            decoder.cache.window = 128
+            for _ in range(3):
+                decoder._step_logits(token)
+            sync()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    decoder._step_logits(token)
+                sync()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+        print(table, flush=True)
+        results["profile_step_table"] = table
+
+    def gemv_bandwidth():
+        """Achieved bandwidth of F.linear at one row for each weight shape of the decoder (graph-replayed)."""
+        rows = {}
+        for out_f, in_f in ((6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192), (65037, 2048)):
+            weight = torch.randn(out_f, in_f, device=device, dtype=dtype)
+            bias = torch.randn(out_f, device=device, dtype=dtype)
+            x = torch.randn(1, in_f, device=device, dtype=dtype)
+            graph = torch.cuda.CUDAGraph()
+            torch.nn.functional.linear(x, weight, bias)
+            sync()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    torch.nn.functional.linear(x, weight, bias)
+            seconds = median_time(graph.replay, 10, sync) / 20
+            rows[f"{out_f}x{in_f}"] = {"us": seconds * 1e6, "GB/s": weight.numel() * 2 / seconds / 1e9}
+            print("gemv", out_f, in_f, rows[f"{out_f}x{in_f}"], flush=True)
+        results["gemv"] = rows
+
+    def compiled_step():
+        """The decode step through torch.compile (default mode), then captured as our graph."""
+        from kosmos2_cli.generate import Decoder
+        from kosmos2_cli.graphs import Graphed
+
+        model, inputs = state["ours"], batch_of(1)
+        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        with torch.no_grad():
+            embeds = model.get_image_features(inputs["pixel_values"])
+            decoder = Decoder.for_model(model, 1, ids.shape[1] + NEW_TOKENS, device)
+            prompt = (ids, valid, embeds, inputs["image_embeds_position_mask"])
+            decoder.prefill(*prompt)
+            decoder.cache.window = 128
+            fast = torch.compile(decoder._step_logits, dynamic=False)
+            token = torch.full((1,), 5, dtype=torch.long, device=device)
+            t0 = time.perf_counter()
+            state_ = decoder.cache.state()
+            fast(token)
+            sync()
+            results["compile_s"] = time.perf_counter() - t0
+            decoder.cache.set_state(state_)
+            graphed = Graphed(fast, decoder.cache.state, decoder.cache.set_state)
+            graphed(token)
+            decoder.prefill(*prompt)
+            decoder.cache.window = 128
+
+            def steps():
+                for _ in range(32):
+                    graphed(token)
+
+            results["compiled_step_ms"] = median_time(steps, 3, sync) / 32 * 1e3
+            print("compiled", results["compile_s"], results["compiled_step_ms"], flush=True)
+
     section("load ours", results, load_ours)
+    if args.profile:
+        section("profile step", results, profile_step)
+        section("gemv", results, gemv_bandwidth)
+        section("compiled step", results, compiled_step)
     for n in (1, 64, 256):
         section(f"breakdown {n}", results, lambda n=n: breakdown(n))
     if not args.no_reference:
@@ -226,7 +308,8 @@ def print_table(results: dict) -> None:
     for key in ("ours_load_to_first_token_s", "ref_load_to_first_token_s", "ours_weights_gb",
                 "first_step_rel_err_ours_bf16_vs_ref_fp32", "first_step_rel_err_ref_bf16_vs_ref_fp32",
                 "first_step_rel_err_ours_bf16_vs_ref_bf16", "greedy_agree_tokens", "greedy_clear_margin_tokens",
-                "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "errors"):
+                "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "gemv", "compile_s",
+                "compiled_step_ms", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
 

@@ -199,5 +199,5 @@ def test_fixed_shape_decoding_and_fused_projections_change_nothing(pair, monkeyp
     logits = ours(**batch).logits
     ours.fuse_for_inference()
     assert ours.text_model.model.layers[0].self_attn.qkv is not None
-    assert torch.allclose(ours(**batch).logits, logits, atol=1e-5, rtol=0)
+    assert torch.allclose(ours(**batch).logits, logits, atol=1e-4, rtol=1e-5)
     assert torch.equal(ours.generate(**batch, max_new_tokens=24), plain)

@@ -26,7 +26,8 @@ class KVCache:
         self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_slot = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0  # slots in use by the longest row: attention looks no further (unless `static`)
-        self.static = False  # attend over the whole capacity: fixed shapes for CUDA graphs
+        self.static = False  # fixed shapes for CUDA graphs: attention reads the first `window` slots
+        self.window = capacity
 
     @classmethod
     def for_model(
@@ -74,12 +75,25 @@ class KVCache:
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.keys[layer][rows, :, slots] = k.transpose(1, 2)
         self.values[layer][rows, :, slots] = v.transpose(1, 2)
-        if self.static:
-            return self.keys[layer], self.values[layer]
-        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+        seen = self.window if self.static else self.length
+        return self.keys[layer][:, :, :seen], self.values[layer][:, :, :seen]
 
     def visible_valid(self) -> Tensor:
-        return self.valid if self.static else self.valid[:, : self.length]
+        return self.valid[:, : self.window if self.static else self.length]
+
+    def state(self) -> tuple[Tensor, ...]:
+        """A copy of the bookkeeping a step changes (not the keys and values: a step only adds to those)."""
+        return tuple(t.clone() for t in (self.valid, self.real_tokens, self.next_slot))
+
+    def set_state(self, state: tuple[Tensor, ...]) -> None:
+        for live, saved in zip((self.valid, self.real_tokens, self.next_slot), state, strict=True):
+            live.copy_(saved)
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.real_tokens.zero_()
+        self.next_slot.zero_()
+        self.length = 0
 
     def reorder(self, rows: Tensor) -> None:
         """Keep rows `rows` (beam search picks which hypotheses continue), in place."""

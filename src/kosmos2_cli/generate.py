@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kosmos2_cli.cache import KVCache
+from kosmos2_cli.graphs import Graphed
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -42,27 +43,33 @@ def warp_logits(scores: Tensor, temperature: float, top_k: int | None, top_p: fl
     return scores
 
 
+WINDOW = 64  # decode steps attend over the cache in windows of this many slots (one graph per window)
+GRAPHED_PREFILL_BATCH = 16  # up to this batch the prompt and the image encoder are bound by kernel launches
+
+
 class Decoder:
     """Runs the model over a cache: a prompt once (prefill), then one token per row per step.
 
-    A decoder is kept per (batch, capacity) and reused across `generate` calls. With `graphs` (CUDA), the decode
-    step is captured once as a CUDA graph over the fixed-shape cache and replayed: one launch per token instead
-    of hundreds of small ones.
+    A decoder is kept per (batch, capacity) and reused across `generate` calls. On CUDA the decode step runs as
+    CUDA graphs over the fixed-shape cache, one per attention window (a step reads only the first multiple of
+    WINDOW slots that holds every row's tokens), and so does the prefill of small batches.
     """
 
     def __init__(self, model, batch: int, capacity: int, device: torch.device, graphs: bool) -> None:
         self.model = model
         self.cache = KVCache.for_model(model.config.text_config, batch, capacity, device, model.dtype)
         self.graphs = graphs
-        self.static = graphs  # fixed-shape attention over the whole cache (what a graph needs); tests force it
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static = graphs  # fixed-shape attention (what a graph needs); tests force it on the CPU
+        self.filled = 0  # slots used by the longest row
         if graphs:
             model.text_model.model.ensure_positions(capacity + 2)
+            self._step = Graphed(self._step_logits, self.cache.state, self.cache.set_state)
+            self._prefill = Graphed(self._prefill_logits, max_graphs=4)
 
     @classmethod
     def for_model(cls, model, batch: int, needed: int, device: torch.device) -> Decoder:
         """The model's decoder for this shape (capacity rounded up so nearby lengths share one)."""
-        capacity = -(-needed // 64) * 64
+        capacity = -(-needed // WINDOW) * WINDOW
         graphs = device.type == "cuda"
         decoders: dict = model.__dict__.setdefault("_decoders", {})
         key = (batch, capacity, device, model.dtype, graphs)
@@ -75,53 +82,47 @@ class Decoder:
 
     def prefill(self, input_ids: Tensor, valid: Tensor, image_embeds: Tensor | None,
                 image_mask: Tensor | None) -> Tensor:
-        cache = self.cache
-        cache.static = False  # the prompt attends over its own length only
-        cache.length = 0
-        cache.valid.zero_()
-        cache.real_tokens.zero_()
-        cache.next_slot.zero_()
-        logits = self._logits(input_ids, valid, image_embeds, image_mask)
-        cache.static = self.static
+        self.cache.reset()
+        self.cache.static = False  # the prompt attends over its own length only
+        small = input_ids.shape[0] <= GRAPHED_PREFILL_BATCH
+        if self.graphs and small and image_embeds is not None and image_mask is not None:
+            logits = self._prefill(input_ids, valid, image_embeds, image_mask)
+            self.cache.length = input_ids.shape[1]
+        else:
+            logits = self._prefill_logits(input_ids, valid, image_embeds, image_mask)
+        self.filled = input_ids.shape[1]
+        self.cache.static = self.static
         return logits
 
     def step(self, tokens: Tensor) -> Tensor:
-        if not self.graphs:
-            return self._logits(tokens[:, None], None, None, None)
-        if self.graph is None:
-            self._capture(tokens)
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
+        self.filled = min(self.filled + 1, self.cache.capacity)
+        self.cache.window = min(-(-self.filled // WINDOW) * WINDOW, self.cache.capacity)
+        if self.graphs:
+            return self._step(tokens, key=(self.cache.window,))
+        return self._step_logits(tokens)
+
+    def _prefill_logits(self, ids: Tensor, valid: Tensor, image_embeds, image_mask) -> Tensor:
+        self.cache.reset()
+        return self._logits(ids, valid, image_embeds, image_mask)
+
+    def _step_logits(self, tokens: Tensor) -> Tensor:
+        return self._logits(tokens[:, None], None, None, None)
 
     def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask) -> Tensor:
         hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
                                               None)
         return self.model.logits(hidden[:, -1]).float()
 
-    def _capture(self, tokens: Tensor) -> None:
-        cache = self.cache
-        state = [t.clone() for t in (cache.valid, cache.real_tokens, cache.next_slot)]
-        self.tokens = tokens.clone()
-        # Warm up on a side stream (allocator, kernels' lazy init), then undo its cache updates.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._logits(self.tokens[:, None], None, None, None)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._restore(state)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._logits(self.tokens[:, None], None, None, None)
-        self._restore(state)
-
-    def _restore(self, state: list[Tensor]) -> None:
-        for saved, live in zip(state, (self.cache.valid, self.cache.real_tokens, self.cache.next_slot),
-                               strict=True):
-            live.copy_(saved)
-
     def reorder(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
+
+
+def encode_images(model, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+    """Image embeddings; small CUDA batches replay a graph (its output is overwritten by the next call)."""
+    if pixel_values.is_cuda and pixel_values.shape[0] <= GRAPHED_PREFILL_BATCH and not interpolate_pos_encoding:
+        graphed = model.__dict__.setdefault("_vision_graph", Graphed(model.get_image_features, max_graphs=4))
+        return graphed(pixel_values.to(model.dtype))
+    return model.get_image_features(pixel_values, interpolate_pos_encoding)
 
 
 @torch.no_grad()
@@ -175,7 +176,7 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     if image_embeds is None and pixel_values is not None:
-        image_embeds = model.get_image_features(pixel_values.to(device), interpolate_pos_encoding)
+        image_embeds = encode_images(model, pixel_values.to(device), interpolate_pos_encoding)
     valid = input_ids.ne(pad)
     if attention_mask is not None:
         valid &= attention_mask.to(device=device, dtype=torch.bool)

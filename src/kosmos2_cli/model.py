@@ -245,6 +245,23 @@ def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Tensor:
     return table
 
 
+def place_image(embeds: Tensor, image: Tensor, where: Tensor, checked: bool = True) -> Tensor:
+    """Put the image's rows where `where` is set, in order, one image per prompt row.
+
+    The same result as the reference's `embeds[where] = image.view(-1, dim)` when every row holds one image's
+    slots, without reading the mask back to the host (so it can run inside a CUDA graph). Other layouts take
+    the reference's way.
+    """
+    image = image.to(embeds)
+    if checked and (image.shape[0] != embeds.shape[0] or bool((where.sum(1) != image.shape[1]).any())):
+        embeds = embeds.clone()
+        embeds[where] = image.reshape(-1, image.shape[-1])
+        return embeds
+    order = (torch.cumsum(where.long(), dim=1) - 1).clamp_(min=0)
+    placed = torch.take_along_dim(image, order[..., None], dim=1)
+    return torch.where(where[..., None], placed, embeds)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: Kosmos2TextConfig) -> None:
         super().__init__()
@@ -297,12 +314,11 @@ class TextTransformer(nn.Module):
     ) -> Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        capturing = inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing()
         if image_embeds is not None and image_embeds_position_mask is not None:
-            where = image_embeds_position_mask.to(torch.bool)
-            inputs_embeds = inputs_embeds.clone()
-            inputs_embeds[where] = image_embeds.to(inputs_embeds).reshape(-1, image_embeds.shape[-1])
+            inputs_embeds = place_image(inputs_embeds, image_embeds, image_embeds_position_mask.to(torch.bool),
+                                        checked=not capturing)
         x = inputs_embeds * self.embed_scale
-        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         return x + self.position_embeddings(position_ids, x.dtype, check=not capturing)
 
     def forward(

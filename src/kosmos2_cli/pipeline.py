@@ -152,7 +152,9 @@ class Kosmos2:
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image embeddings for the decoder from `preprocess`'s pixel values, one row per image."""
-        return self.model.get_image_features(pixel_values.to(self.model.device))
+        from kosmos2_cli.generate import encode_images
+
+        return encode_images(self.model, pixel_values.to(self.model.device))
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image embeddings for the decoder, one row per image."""
