@@ -71,7 +71,7 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
         todo = [name for name in names if keys[name] not in results.done]
         summary.done_before = len(names) - len(todo)
         summary.failed_before = sum(keys[name] in results.failed for name in names)
-        if summary.done_before:
+        if summary.done_before and todo:
             reporter.note(f"resuming: {summary.done_before} of {len(names)} images are already in {output}")
         if todo:
             _process(spec, todo, results, settings, reporter, summary)
@@ -135,7 +135,7 @@ def _finish(summary: Summary, settings: Settings, reporter: Reporter) -> ExitCod
         return ExitCode.TERMINATED if summary.interrupted == "SIGTERM" else ExitCode.INTERRUPTED
     if summary.processed:
         rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
-        reporter.note(f"{summary.processed} image{'s' * (summary.processed != 1)} in {summary.seconds:.1f} s "
+        reporter.note(f"done: {summary.processed} image{'s' * (summary.processed != 1)} in {summary.seconds:.1f} s "
                       f"({rate:.2f} images/s) → {summary.output}", style="green")
     elif summary.images:
         reporter.note(f"nothing to do: all {summary.images} images are already in {summary.output}")
