@@ -92,7 +92,8 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
     try:
         with _sigterm_as_interrupt(), reporter.progress(len(todo), spec.describe()) as progress:
             if progress is not None:
-                engine._on_load = lambda: progress.update(progress.task_ids[0], description="loading the model")
+                engine.on_load = lambda loading: progress.update(
+                progress.task_ids[0], description="loading the model" if loading else spec.describe())
             for outcome, image in runner.run(todo):
                 if isinstance(outcome, Failure):
                     results.write(spec.failure_record(outcome))
@@ -104,7 +105,7 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
                         drawings.append(painter.submit(_draw, image, outcome, settings.annotate_dir))
                 summary.processed += 1
                 if progress is not None:
-                    progress.update(progress.task_ids[0], advance=1, description=spec.describe())
+                    progress.advance(progress.task_ids[0])
     except ModelLoadError as err:
         raise CliError(str(err), ExitCode.MODEL) from err
     except KeyboardInterrupt as err:

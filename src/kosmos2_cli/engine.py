@@ -65,7 +65,7 @@ class PipelineEngine:
     weights load on the first batch, so a run whose images all fail never pays for them."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
-                 options: GenerationOptions | None = None, on_load: Callable[[], None] | None = None) -> None:
+                 options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None) -> None:
         from kosmos2_cli.processor import Kosmos2Processor
 
         self.folder = Path(folder)
@@ -76,7 +76,7 @@ class PipelineEngine:
         with _loading(self.folder):
             self.processor = Kosmos2Processor.from_pretrained(self.folder)
         self._kosmos = None
-        self._on_load = on_load
+        self.on_load = on_load  # called with True before the weights load, False after
 
     @property
     def kosmos(self):
@@ -85,12 +85,14 @@ class PipelineEngine:
             from kosmos2_cli.model import Kosmos2ForConditionalGeneration
             from kosmos2_cli.pipeline import Kosmos2
 
-            if self._on_load:
-                self._on_load()
+            if self.on_load:
+                self.on_load(True)
             with _loading(self.folder):
                 model = Kosmos2ForConditionalGeneration.from_pretrained(self.folder, device=self.device,
                                                                         dtype=self.dtype)
             self._kosmos = Kosmos2(model, self.processor, self.options)
+            if self.on_load:
+                self.on_load(False)
         return self._kosmos
 
     def prepare(self, name: str, spec: TaskSpec) -> Prepared:

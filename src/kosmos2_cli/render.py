@@ -23,7 +23,6 @@ from rich.progress import (
     Task,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -99,12 +98,31 @@ def _box(values) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
+def _rate(task: Task) -> float | None:
+    """Images per second since the start: batches finish in bursts, so a windowed rate would jump about."""
+    elapsed = task.finished_time if task.finished else task.elapsed
+    return task.completed / elapsed if task.completed and elapsed else None
+
+
 class RateColumn(ProgressColumn):
     """Images per second."""
 
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("–  img/s" if speed is None else f"{speed:5.1f} img/s", style="cyan")
+        rate = _rate(task)
+        return Text("–  img/s" if rate is None else f"{rate:5.2f} img/s", style="cyan")
+
+
+class EtaColumn(ProgressColumn):
+    """Time left at the rate so far."""
+
+    def render(self, task: Task) -> Text:
+        rate = _rate(task)
+        if task.finished or task.total is None:
+            return Text("ETA 0:00:00", style="cyan")
+        if not rate:
+            return Text("ETA -:--:--", style="cyan")
+        seconds = int((task.total - task.completed) / rate)
+        return Text(f"ETA {seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}", style="cyan")
 
 
 class Reporter:
@@ -164,8 +182,7 @@ class Reporter:
             return
         columns = [SpinnerColumn(), TextColumn("{task.description}")]
         if bar:
-            columns += [BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                        TimeRemainingColumn()]
+            columns += [BarColumn(), MofNCompleteColumn(), RateColumn(), TimeElapsedColumn(), EtaColumn()]
         else:
             columns += [TimeElapsedColumn()]
         progress = Progress(*columns, console=self.err, transient=True, redirect_stdout=False,

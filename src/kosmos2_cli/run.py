@@ -86,11 +86,12 @@ def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitC
     drawing_failed = False
     with reporter.progress(len(names), spec.describe(), bar=len(names) > 1) as progress:
         if progress is not None:
-            engine._on_load = lambda: progress.update(progress.task_ids[0], description="loading the model")
+            engine.on_load = lambda loading: progress.update(
+                progress.task_ids[0], description="loading the model" if loading else spec.describe())
         try:
             for outcome, image in runner.run(names):
                 if progress is not None:
-                    progress.update(progress.task_ids[0], advance=1, description=spec.describe())
+                    progress.advance(progress.task_ids[0])
                 if isinstance(outcome, Failure):
                     failed += 1
                     reporter.failure(outcome, spec.failure_record(outcome))
