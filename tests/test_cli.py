@@ -450,3 +450,42 @@ def _timed(function, *args) -> float:
     start = time.perf_counter()
     function(*args)
     return time.perf_counter() - start
+
+
+def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model, pics, monkeypatch):
+    from kosmos2_cli import generate as generation
+    from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+
+    encoded, calls = [], []
+    encode, generate = generation.encode_images, Kosmos2ForConditionalGeneration.generate
+
+    def counting_encode(model, pixel_values, *args, **kwargs):
+        encoded.append(pixel_values.shape[0])
+        return encode(model, pixel_values, *args, **kwargs)
+
+    def counting_generate(self, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("pixel_values"), list(kwargs["stop_token_ids"])))
+        return generate(self, **kwargs)
+
+    monkeypatch.setattr(generation, "encode_images", counting_encode)
+    monkeypatch.setattr(Kosmos2ForConditionalGeneration, "generate", counting_generate)
+    result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
+    assert result.exit_code == 0
+    from kosmos2_cli.processor import Kosmos2Processor
+
+    end_of_object = Kosmos2Processor.from_pretrained(model).tokenizer.convert_tokens_to_ids("</object>")
+    assert encoded == [2]  # two images, one encoding each
+    assert calls == [(6, None, [end_of_object])]  # 2 images x 3 phrases in one generate, each stops at </object>
+
+
+def test_weights_that_do_not_fit_are_a_model_error_not_a_batch_to_split(model, pics, monkeypatch):
+    import torch
+
+    from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(Kosmos2ForConditionalGeneration, "from_pretrained", no_room)
+    _one_line_error(kosmos2(model, "caption", pics["a"], pics["b"]), ExitCode.MODEL,
+                    "the weights do not fit in the device's memory")

@@ -44,7 +44,7 @@ def is_out_of_memory(err: BaseException) -> bool:
     return type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(Exception):
     """The model folder cannot be loaded; the message names the folder and what is wrong, on one line."""
 
 
@@ -128,13 +128,15 @@ class PipelineEngine:
 
 @contextmanager
 def _loading(folder: Path) -> Iterator[None]:
-    """Loading errors (bad files, wrong tensors) as ModelLoadError; running out of memory stays what it is."""
+    """Loading errors (bad files, wrong tensors, no room on the device) as ModelLoadError: they are no image's
+    fault, so the runner must not treat them as a batch to split."""
     try:
         yield
     except ModelLoadError:
         raise
     except (ValueError, OSError, RuntimeError) as err:
         if is_out_of_memory(err):
-            raise
+            raise ModelLoadError(f"{folder}: the weights do not fit in the device's memory (try --dtype float16, "
+                                 "another --device, or free the GPU)") from err
         message = " ".join(str(err).split())
         raise ModelLoadError(message if str(folder) in message else f"{folder}: {message}") from err

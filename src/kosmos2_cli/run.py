@@ -77,7 +77,7 @@ def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitC
         reporter.warning(warning)
     if settings.draw is not None:
         _check_drawing_path(settings.draw)
-    names = expand(inputs)
+    names = expand(inputs, exclude=settings.annotate_dir)
     if settings.draw is not None and len(names) > 1:
         raise CliError(f"--draw writes one image, and {len(names)} are given; use --annotate-dir DIR for several")
     engine = open_engine(settings, reporter)
