@@ -240,6 +240,24 @@ def main() -> None:
             print("gemv", out_f, in_f, rows[f"{out_f}x{in_f}"], flush=True)
         results["gemv"] = rows
 
+    def kernels_check():
+        """The Triton kernels against PyTorch on fresh random inputs (bf16 tolerance)."""
+        from kosmos2_cli import kernels
+
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+        x = torch.randn(37, 2048, device=device, dtype=dtype) * 3 + 1
+        w, b = torch.randn(2048, device=device, dtype=dtype), torch.randn(2048, device=device, dtype=dtype)
+        results["kernel_layer_norm_rel_err"] = rel(kernels.layer_norm(x, w, b, 1e-5),
+                                                   torch.nn.functional.layer_norm(x, (2048,), w, b, 1e-5))
+        q = torch.randn(5, 32, 1, 64, device=device, dtype=dtype)
+        k = torch.randn(5, 32, 150, 64, device=device, dtype=dtype)
+        v = torch.randn(5, 32, 150, 64, device=device, dtype=dtype)
+        valid = torch.rand(5, 150, device=device) > 0.3
+        valid[:, 0] = True
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        results["kernel_decode_attention_rel_err"] = rel(kernels.decode_attention(q, k, v, valid, 64**-0.5), want)
+        print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"])
+
     def fast_vs_plain():
         """The fast path (fused projections, Triton LayerNorm, graphs) against our plain eager model."""
         plain = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype=dtype)
@@ -257,7 +275,8 @@ def main() -> None:
     if args.profile:
         section("profile step 1", results, lambda: profile_step(1))
         section("profile step 256", results, lambda: profile_step(256))
-        section("gemv", results, gemv_bandwidth)
+        section("gemv", results, gemv_bandwidth) if not args.quick else None
+    section("kernels", results, kernels_check)
     section("fast vs plain", results, fast_vs_plain)
     for n in (1, 64, 256):
         section(f"breakdown {n}", results, lambda n=n: breakdown(n))
@@ -290,7 +309,7 @@ def print_table(results: dict) -> None:
                 "first_step_rel_err_ours_bf16_vs_ref_fp32", "first_step_rel_err_ref_bf16_vs_ref_fp32",
                 "first_step_rel_err_ours_bf16_vs_ref_bf16", "greedy_agree_tokens", "greedy_clear_margin_tokens",
                 "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "gemv",
-                "fast_vs_plain_first_step_rel_err",
+                "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err", "fast_vs_plain_first_step_rel_err",
                 "fast_vs_plain_same_tokens", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")

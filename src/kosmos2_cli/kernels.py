@@ -43,3 +43,48 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 def available() -> bool:
     return torch.cuda.is_available()
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh,
+                             v_ss, valid_sb, o_sb, o_sh, length, scale, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    dims = tl.arange(0, HEAD)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + dims).to(tl.float32) * scale
+    best = tl.full((), -1.0e30, tl.float32)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((HEAD,), tl.float32)
+    for start in range(0, length, BLOCK):
+        slots = start + tl.arange(0, BLOCK)
+        ok = tl.load(valid_ptr + b * valid_sb + slots, mask=slots < length, other=0) != 0
+        k = tl.load(k_ptr + b * k_sb + h * k_sh + slots[:, None] * k_ss + dims[None, :], mask=ok[:, None], other=0.0)
+        scores = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1.0e30)
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        p = tl.where(ok, tl.exp(scores - new_best), 0.0)
+        keep = tl.exp(best - new_best)
+        v = tl.load(v_ptr + b * v_sb + h * v_sh + slots[:, None] * v_ss + dims[None, :], mask=ok[:, None], other=0.0)
+        acc = acc * keep + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        total = total * keep + tl.sum(p, axis=0)
+        best = new_best
+    out = acc / tl.maximum(total, 1.0e-30)
+    tl.store(out_ptr + b * o_sb + h * o_sh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """One query per row over cached keys: q (B, H, 1, D), k/v (B, H, S, D), `valid` (B, S) marks real slots.
+
+    A row attends to its valid slots only (decoding appends in order, so that is also causal). Read-bound: each
+    program streams its row's keys and values once, with an online softmax.
+    """
+    batch, heads, _, head_dim = q.shape
+    length = k.shape[2]
+    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    _decode_attention_kernel[(batch, heads)](
+        q, k, v, valid, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), valid.stride(0), out.stride(0), out.stride(1), length, scale,
+        HEAD=head_dim, BLOCK=64, num_warps=4,
+    )
+    return out

@@ -101,6 +101,7 @@ class Attention(nn.Module):
         self.inner_attn_ln = LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
 
         self.qkv: tuple[Tensor, Tensor] | None = None
+        self.fast_decode = False  # a Triton kernel for one-query steps over a fixed-shape cache (CUDA)
 
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
@@ -134,7 +135,12 @@ class Attention(nn.Module):
             v = self._split(self.v_proj(source))
         if cache is not None:
             k, v = cache.update(layer, slots, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
+            from kosmos2_cli.kernels import decode_attention
+
+            out = decode_attention(q, k, v, cache.visible_valid(), self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).flatten(2)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
@@ -563,10 +569,17 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         except ImportError:
             fast_norm = False
         for module in self.modules():
-            if isinstance(module, Attention) and module.qkv is None:
-                module.fuse_qkv()
+            if isinstance(module, Attention):
+                if module.qkv is None:
+                    module.fuse_qkv()
+                module.fast_decode = fast_norm
             elif isinstance(module, LayerNorm):
                 module.fast = fast_norm
+        if fast_norm:
+            # cuBLAS falls back to a slow kernel for 65,037 output rows; a copy padded to a multiple of 64 is fast.
+            weight = self.text_model.lm_head.weight
+            rows = -(-weight.shape[0] // 64) * 64
+            self._padded_head = torch.cat([weight.detach(), weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
     def tie_weights(self) -> None:
         if self.config.text_config.tie_word_embeddings:
@@ -579,6 +592,9 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         return self.text_model.lm_head
 
     def logits(self, hidden: Tensor) -> Tensor:
+        padded = self.__dict__.get("_padded_head")
+        if padded is not None and hidden.device == padded.device:
+            return F.linear(hidden, padded)[..., : self.config.text_config.vocab_size]
         return self.text_model.lm_head(hidden)
 
     def forward(
