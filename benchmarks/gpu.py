@@ -256,7 +256,32 @@ def main() -> None:
         valid[:, 0] = True
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
         results["kernel_decode_attention_rel_err"] = rel(kernels.decode_attention(q, k, v, valid, 64**-0.5), want)
-        print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"])
+        x = torch.randn(3, 257, 4096, device=device, dtype=dtype) * 3
+        results["kernel_quick_gelu_rel_err"] = rel(kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+        print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"],
+              results["kernel_quick_gelu_rel_err"])
+
+    def profile_generate():
+        """A whole batch-1 generate(): wall time against GPU busy time, and the host's busiest calls."""
+        from torch.profiler import ProfilerActivity, profile
+
+        model = state["ours"]
+        kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        with torch.no_grad():
+            for _ in range(2):
+                model.generate(**one, **kwargs)
+            sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                model.generate(**one, **kwargs)
+                sync()
+                wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e3
+        results["generate_wall_ms"], results["generate_gpu_busy_ms"] = wall * 1e3, gpu
+        table = events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50)
+        print(f"generate wall {wall * 1e3:.1f} ms, gpu busy {gpu:.1f} ms\n{table}", flush=True)
+        results["profile_generate_table"] = table
 
     def fast_vs_plain():
         """The fast path (fused projections, Triton LayerNorm, graphs) against our plain eager model."""
@@ -273,12 +298,13 @@ def main() -> None:
 
     section("load ours", results, load_ours)
     if args.profile:
+        section("profile generate", results, profile_generate)
         section("profile step 1", results, lambda: profile_step(1))
         section("profile step 256", results, lambda: profile_step(256))
         section("gemv", results, gemv_bandwidth) if not args.quick else None
     section("kernels", results, kernels_check)
     section("fast vs plain", results, fast_vs_plain)
-    for n in (1, 64, 256):
+    for n in (1, 64, 256, 512):
         section(f"breakdown {n}", results, lambda n=n: breakdown(n))
     if not args.no_reference:
         section("load reference", results, load_reference)
@@ -309,7 +335,8 @@ def print_table(results: dict) -> None:
                 "first_step_rel_err_ours_bf16_vs_ref_fp32", "first_step_rel_err_ref_bf16_vs_ref_fp32",
                 "first_step_rel_err_ours_bf16_vs_ref_bf16", "greedy_agree_tokens", "greedy_clear_margin_tokens",
                 "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "gemv",
-                "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err", "fast_vs_plain_first_step_rel_err",
+                "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err", "kernel_quick_gelu_rel_err",
+                "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
                 "fast_vs_plain_same_tokens", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")

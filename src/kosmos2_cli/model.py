@@ -19,13 +19,24 @@ from kosmos2_cli.cache import KVCache
 from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
 
 
+def _quick_gelu(x: Tensor) -> Tensor:
+    if x.is_cuda and _FAST_KERNELS[0]:
+        from kosmos2_cli.kernels import quick_gelu
+
+        return quick_gelu(x)
+    return x * torch.sigmoid(1.702 * x)
+
+
+_FAST_KERNELS = [False]  # set by fuse_for_inference on a CUDA model with Triton present
+
+
 def _activation(name: str):
     if name == "gelu":
         return F.gelu
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
+        return _quick_gelu
     if name == "relu":
         return F.relu
     if name in ("silu", "swish"):
@@ -575,6 +586,7 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
                 module.fast_decode = fast_norm
             elif isinstance(module, LayerNorm):
                 module.fast = fast_norm
+        _FAST_KERNELS[0] = _FAST_KERNELS[0] or fast_norm
         if fast_norm:
             # cuBLAS falls back to a slow kernel for 65,037 output rows; a copy padded to a multiple of 64 is fast.
             weight = self.text_model.lm_head.weight
