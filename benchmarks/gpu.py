@@ -197,19 +197,19 @@ def main() -> None:
         results.setdefault("ours_breakdown", {})[n] = row
         print("breakdown", n, row, flush=True)
 
-    def profile_step():
-        """Which kernels one batch-1 decode step spends its time in (run eagerly: a graph hides them)."""
+    def profile_step(n: int):
+        """Which kernels one decode step spends its time in (run eagerly: a graph hides them)."""
         from torch.profiler import ProfilerActivity, profile
 
         from kosmos2_cli.generate import Decoder
 
-        model, inputs = state["ours"], batch_of(1)
+        model, inputs = state["ours"], batch_of(n)
         ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
         with torch.no_grad():
             embeds = model.get_image_features(inputs["pixel_values"])
-            decoder = Decoder.for_model(model, 1, ids.shape[1] + NEW_TOKENS, device)
+            decoder = Decoder.for_model(model, n, ids.shape[1] + NEW_TOKENS, device)
             decoder.prefill(ids, valid, embeds, inputs["image_embeds_position_mask"])
-            token = torch.full((1,), 5, dtype=torch.long, device=device)
+            token = torch.full((n,), 5, dtype=torch.long, device=device)
             decoder.cache.window = 128
             for _ in range(3):
                 decoder._step_logits(token)
@@ -218,9 +218,9 @@ def main() -> None:
                 for _ in range(5):
                     decoder._step_logits(token)
                 sync()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
         print(table, flush=True)
-        results["profile_step_table"] = table
+        results[f"profile_step_table_{n}"] = table
 
     def gemv_bandwidth():
         """Achieved bandwidth of F.linear at one row for each weight shape of the decoder (graph-replayed)."""
@@ -240,45 +240,71 @@ def main() -> None:
             print("gemv", out_f, in_f, rows[f"{out_f}x{in_f}"], flush=True)
         results["gemv"] = rows
 
-    def compiled_step():
-        """The decode step through torch.compile (default mode), then captured as our graph."""
-        from kosmos2_cli.generate import Decoder
-        from kosmos2_cli.graphs import Graphed
+    def kernels_check():
+        """The Triton kernels against PyTorch on fresh random inputs (bf16 tolerance)."""
+        from kosmos2_cli import kernels
 
-        model, inputs = state["ours"], batch_of(1)
-        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+        x = torch.randn(37, 2048, device=device, dtype=dtype) * 3 + 1
+        w, b = torch.randn(2048, device=device, dtype=dtype), torch.randn(2048, device=device, dtype=dtype)
+        results["kernel_layer_norm_rel_err"] = rel(kernels.layer_norm(x, w, b, 1e-5),
+                                                   torch.nn.functional.layer_norm(x, (2048,), w, b, 1e-5))
+        q = torch.randn(5, 32, 1, 64, device=device, dtype=dtype)
+        k = torch.randn(5, 32, 150, 64, device=device, dtype=dtype)
+        v = torch.randn(5, 32, 150, 64, device=device, dtype=dtype)
+        valid = torch.rand(5, 150, device=device) > 0.3
+        valid[:, 0] = True
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        results["kernel_decode_attention_rel_err"] = rel(kernels.decode_attention(q, k, v, valid, 64**-0.5), want)
+        x = torch.randn(3, 257, 4096, device=device, dtype=dtype) * 3
+        results["kernel_quick_gelu_rel_err"] = rel(kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+        print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"],
+              results["kernel_quick_gelu_rel_err"])
+
+    def profile_generate():
+        """A whole batch-1 generate(): wall time against GPU busy time, and the host's busiest calls."""
+        from torch.profiler import ProfilerActivity, profile
+
+        model = state["ours"]
+        kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
         with torch.no_grad():
-            embeds = model.get_image_features(inputs["pixel_values"])
-            decoder = Decoder.for_model(model, 1, ids.shape[1] + NEW_TOKENS, device)
-            prompt = (ids, valid, embeds, inputs["image_embeds_position_mask"])
-            decoder.prefill(*prompt)
-            decoder.cache.window = 128
-            fast = torch.compile(decoder._step_logits, dynamic=False)
-            token = torch.full((1,), 5, dtype=torch.long, device=device)
-            t0 = time.perf_counter()
-            state_ = decoder.cache.state()
-            fast(token)
+            for _ in range(2):
+                model.generate(**one, **kwargs)
             sync()
-            results["compile_s"] = time.perf_counter() - t0
-            decoder.cache.set_state(state_)
-            graphed = Graphed(fast, decoder.cache.state, decoder.cache.set_state)
-            graphed(token)
-            decoder.prefill(*prompt)
-            decoder.cache.window = 128
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
+                model.generate(**one, **kwargs)
+                sync()
+                wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e3
+        results["generate_wall_ms"], results["generate_gpu_busy_ms"] = wall * 1e3, gpu
+        table = events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50)
+        print(f"generate wall {wall * 1e3:.1f} ms, gpu busy {gpu:.1f} ms\n{table}", flush=True)
+        results["profile_generate_table"] = table
 
-            def steps():
-                for _ in range(32):
-                    graphed(token)
-
-            results["compiled_step_ms"] = median_time(steps, 3, sync) / 32 * 1e3
-            print("compiled", results["compile_s"], results["compiled_step_ms"], flush=True)
+    def fast_vs_plain():
+        """The fast path (fused projections, Triton LayerNorm, graphs) against our plain eager model."""
+        plain = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype=dtype)
+        fast = state["ours"]
+        with torch.no_grad():
+            a, b = fast(**one).logits[0, -1].float(), plain(**one).logits[0, -1].float()
+            results["fast_vs_plain_first_step_rel_err"] = float((a - b).norm() / b.norm())
+            x, y = fast.generate(**one, max_new_tokens=32), plain.generate(**one, max_new_tokens=32)
+        results["fast_vs_plain_same_tokens"] = bool(torch.equal(x, y))
+        del plain
+        gc.collect()
+        torch.cuda.empty_cache()
 
     section("load ours", results, load_ours)
     if args.profile:
-        section("profile step", results, profile_step)
-        section("gemv", results, gemv_bandwidth)
-        section("compiled step", results, compiled_step)
-    for n in (1, 64, 256):
+        section("profile generate", results, profile_generate)
+        section("profile step 1", results, lambda: profile_step(1))
+        section("profile step 256", results, lambda: profile_step(256))
+        section("gemv", results, gemv_bandwidth) if not args.quick else None
+    section("kernels", results, kernels_check)
+    section("fast vs plain", results, fast_vs_plain)
+    for n in (1, 64, 256, 512):
         section(f"breakdown {n}", results, lambda n=n: breakdown(n))
     if not args.no_reference:
         section("load reference", results, load_reference)
@@ -308,8 +334,10 @@ def print_table(results: dict) -> None:
     for key in ("ours_load_to_first_token_s", "ref_load_to_first_token_s", "ours_weights_gb",
                 "first_step_rel_err_ours_bf16_vs_ref_fp32", "first_step_rel_err_ref_bf16_vs_ref_fp32",
                 "first_step_rel_err_ours_bf16_vs_ref_bf16", "greedy_agree_tokens", "greedy_clear_margin_tokens",
-                "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "gemv", "compile_s",
-                "compiled_step_ms", "errors"):
+                "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "gemv",
+                "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err", "kernel_quick_gelu_rel_err",
+                "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
+                "fast_vs_plain_same_tokens", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
 

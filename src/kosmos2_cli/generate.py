@@ -44,7 +44,8 @@ def warp_logits(scores: Tensor, temperature: float, top_k: int | None, top_p: fl
 
 
 WINDOW = 64  # decode steps attend over the cache in windows of this many slots (one graph per window)
-GRAPHED_PREFILL_BATCH = 16  # up to this batch the prompt and the image encoder are bound by kernel launches
+GRAPHED_PREFILL_BATCH = 16
+CHECK_EVERY_CUDA = 4  # up to this batch the prompt and the image encoder are bound by kernel launches
 
 
 class Decoder:
@@ -217,6 +218,9 @@ def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor
             no_eos: _EosBlocker) -> Tensor:
     running = torch.ones(logits.shape[0], dtype=torch.bool, device=stops.device)
     tokens: list[Tensor] = []
+    alive: list[Tensor] = []
+    # Asking the GPU whether every row is done costs a round trip; ask every few steps and drop the extra ones.
+    check_every = CHECK_EVERY_CUDA if logits.is_cuda else 1
     for step in range(max_new_tokens):
         logits = no_eos(logits, step)
         if do_sample:
@@ -226,11 +230,14 @@ def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor
             chosen = logits.argmax(dim=-1)
         chosen = torch.where(running, chosen, pad)
         tokens.append(chosen)
-        running &= ~torch.isin(chosen, stops)
-        if step + 1 == max_new_tokens or not bool(running.any()):
+        running = running & ~torch.isin(chosen, stops)
+        alive.append(running.any())
+        if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and not bool(alive[-1])):
             break
         logits = decoder.step(chosen)
-    return torch.stack(tokens, dim=1)
+    done = (~torch.stack(alive)).nonzero()
+    steps = int(done[0]) + 1 if len(done) else len(tokens)
+    return torch.stack(tokens[:steps], dim=1)
 
 
 def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: int, max_new_tokens: int,

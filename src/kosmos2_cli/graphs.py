@@ -50,7 +50,8 @@ class Graphed:
         torch.cuda.current_stream().wait_stream(stream)
         self.restore(state)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # Capture on the warm-up's stream: libraries (cuBLAS) keep per-stream workspaces made during warm-up.
+        with torch.cuda.graph(graph, stream=stream):
             output = self.fn(*inputs)
         self.restore(state)
         return graph, inputs, output

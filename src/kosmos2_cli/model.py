@@ -19,18 +19,42 @@ from kosmos2_cli.cache import KVCache
 from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
 
 
+def _quick_gelu(x: Tensor) -> Tensor:
+    if x.is_cuda and _FAST_KERNELS[0]:
+        from kosmos2_cli.kernels import quick_gelu
+
+        return quick_gelu(x)
+    return x * torch.sigmoid(1.702 * x)
+
+
+_FAST_KERNELS = [False]  # set by fuse_for_inference on a CUDA model with Triton present
+
+
 def _activation(name: str):
     if name == "gelu":
         return F.gelu
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
+        return _quick_gelu
     if name == "relu":
         return F.relu
     if name in ("silu", "swish"):
         return F.silu
     raise ValueError(f"unsupported activation function {name!r}")
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; with `fast` on a CUDA input, a Triton kernel (same maths, one program per row)."""
+
+    fast = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and x.is_cuda:
+            from kosmos2_cli.kernels import layer_norm
+
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 @dataclass
@@ -85,9 +109,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.inner_attn_ln = nn.LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
+        self.inner_attn_ln = LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
 
         self.qkv: tuple[Tensor, Tensor] | None = None
+        self.fast_decode = False  # a Triton kernel for one-query steps over a fixed-shape cache (CUDA)
 
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
@@ -121,7 +146,12 @@ class Attention(nn.Module):
             v = self._split(self.v_proj(source))
         if cache is not None:
             k, v = cache.update(layer, slots, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
+            from kosmos2_cli.kernels import decode_attention
+
+            out = decode_attention(q, k, v, cache.visible_valid(), self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).flatten(2)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
@@ -172,11 +202,11 @@ class VisionLayer(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.self_attn = Attention(dim, config.num_attention_heads)
-        self.layer_norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
         self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(dim, eps=config.layer_norm_eps)
         self.act = _activation(config.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -188,10 +218,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: Kosmos2VisionConfig) -> None:
         super().__init__()
         self.embeddings = VisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pre_layrnorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, hidden_states: list | None = None
@@ -267,12 +297,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         dim = config.embed_dim
         self.self_attn = Attention(dim, config.attention_heads, inner_norm_eps=config.layer_norm_eps)
-        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.self_attn_layer_norm = LayerNorm(dim, eps=config.layer_norm_eps)
         self.ffn = nn.Module()
         self.ffn.fc1 = nn.Linear(dim, config.ffn_dim)
         self.ffn.fc2 = nn.Linear(config.ffn_dim, dim)
-        self.ffn.ffn_layernorm = nn.LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.ffn.ffn_layernorm = LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(dim, eps=config.layer_norm_eps)
         self.act = _activation(config.activation_function)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slots: Tensor | None):
@@ -291,7 +321,7 @@ class TextTransformer(nn.Module):
         table = sinusoidal_table(config.max_position_embeddings + 2, config.embed_dim, config.pad_token_id)
         self.register_buffer("embed_positions", table, persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
-        self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.layer_norm = LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
 
     def ensure_positions(self, count: int) -> None:
         """Make the sinusoid table cover positions below `count` (it is rebuilt larger when a prompt overruns)."""
@@ -541,10 +571,27 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         self.tie_weights()
 
     def fuse_for_inference(self) -> None:
-        """Fused q/k/v projections in the decoder and the image encoder (same numbers, fewer, larger GEMMs)."""
+        """Inference-only speed-ups with the same maths: fused q/k/v projections, and on CUDA (with Triton) a
+        LayerNorm kernel suited to decoding's few rows. Parameters stop requiring gradients."""
+        try:
+            import triton  # noqa: F401
+
+            fast_norm = self.device.type == "cuda"
+        except ImportError:
+            fast_norm = False
         for module in self.modules():
-            if isinstance(module, Attention) and module.qkv is None:
-                module.fuse_qkv()
+            if isinstance(module, Attention):
+                if module.qkv is None:
+                    module.fuse_qkv()
+                module.fast_decode = fast_norm
+            elif isinstance(module, LayerNorm):
+                module.fast = fast_norm
+        _FAST_KERNELS[0] = _FAST_KERNELS[0] or fast_norm
+        if fast_norm:
+            # cuBLAS falls back to a slow kernel for 65,037 output rows; a copy padded to a multiple of 64 is fast.
+            weight = self.text_model.lm_head.weight
+            rows = -(-weight.shape[0] // 64) * 64
+            self._padded_head = torch.cat([weight.detach(), weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
     def tie_weights(self) -> None:
         if self.config.text_config.tie_word_embeddings:
@@ -557,6 +604,9 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         return self.text_model.lm_head
 
     def logits(self, hidden: Tensor) -> Tensor:
+        padded = self.__dict__.get("_padded_head")
+        if padded is not None and hidden.device == padded.device:
+            return F.linear(hidden, padded)[..., : self.config.text_config.vocab_size]
         return self.text_model.lm_head(hidden)
 
     def forward(
