@@ -62,6 +62,10 @@ def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
             return cached
         if not local.exists():
             reporter.note(f"downloading {model} into the Hugging Face cache (once; later runs use the cache)")
+        if reporter.quiet:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
         return resolve_model_dir(model, revision)
     except ModelNotFoundError as err:
         raise CliError(str(err), ExitCode.MODEL) from err
