@@ -255,7 +255,14 @@ def main() -> None:
         valid = torch.rand(5, 150, device=device) > 0.3
         valid[:, 0] = True
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
-        results["kernel_decode_attention_rel_err"] = rel(kernels.decode_attention(q, k, v, valid, 64**-0.5), want)
+        used = torch.tensor([150, 150, 150, 150, 150], device=device)
+        got = kernels.decode_attention(q, k, v, valid, used, 64**-0.5)
+        results["kernel_decode_attention_rel_err"] = rel(got, want)
+        short = torch.tensor([150, 90, 1, 150, 37], device=device)
+        cut = valid & (torch.arange(150, device=device) < short[:, None])
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=cut[:, None, None, :])
+        results["kernel_decode_attention_short_rel_err"] = rel(kernels.decode_attention(q, k, v, valid, short,
+                                                                                        64**-0.5), want)
         x = torch.randn(3, 257, 4096, device=device, dtype=dtype) * 3
         results["kernel_quick_gelu_rel_err"] = rel(kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x))
         print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"],
@@ -335,7 +342,8 @@ def print_table(results: dict) -> None:
                 "first_step_rel_err_ours_bf16_vs_ref_fp32", "first_step_rel_err_ref_bf16_vs_ref_fp32",
                 "first_step_rel_err_ours_bf16_vs_ref_bf16", "greedy_agree_tokens", "greedy_clear_margin_tokens",
                 "greedy_margins_first8", "reference_resampler_was_causal", "ours_breakdown", "gemv",
-                "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err", "kernel_quick_gelu_rel_err",
+                "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err",
+                "kernel_decode_attention_short_rel_err", "kernel_quick_gelu_rel_err",
                 "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
                 "fast_vs_plain_same_tokens", "errors"):
         if key in results:

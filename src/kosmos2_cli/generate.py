@@ -97,7 +97,10 @@ class Decoder:
 
     def step(self, tokens: Tensor) -> Tensor:
         self.filled = min(self.filled + 1, self.cache.capacity)
-        self.cache.window = min(-(-self.filled // WINDOW) * WINDOW, self.cache.capacity)
+        # The Triton decode kernel reads each row's length on the device: one window (graph) serves all steps.
+        whole = getattr(self.model.text_model.model.layers[0].self_attn, "fast_decode", False)
+        self.cache.window = self.cache.capacity if whole else min(-(-self.filled // WINDOW) * WINDOW,
+                                                                  self.cache.capacity)
         if self.graphs:
             return self._step(tokens, key=(self.cache.window,))
         return self._step_logits(tokens)
@@ -207,9 +210,8 @@ class _EosBlocker:
         self.eos, self.minimum = eos, minimum
 
     def __call__(self, scores: Tensor, step: int) -> Tensor:
-        if step < self.minimum:
-            scores = scores.clone()
-            scores[:, self.eos] = -float("inf")
+        if step < self.minimum:  # index_fill_ takes the value as an argument: no host-to-device copy, no sync
+            scores = scores.clone().index_fill_(1, self.eos, -float("inf"))
         return scores
 
 

@@ -7,6 +7,7 @@ overwritten by the next replay: use them before calling again.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -34,6 +35,8 @@ class Graphed:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))
             self.graphs[key] = self._capture(tensors)
+        if self.graphs[key] is None:
+            return self.fn(*tensors)
         graph, inputs, output = self.graphs[key]
         for buffer, tensor in zip(inputs, tensors, strict=True):
             buffer.copy_(tensor)
@@ -50,8 +53,14 @@ class Graphed:
         torch.cuda.current_stream().wait_stream(stream)
         self.restore(state)
         graph = torch.cuda.CUDAGraph()
-        # Capture on the warm-up's stream: libraries (cuBLAS) keep per-stream workspaces made during warm-up.
-        with torch.cuda.graph(graph, stream=stream):
-            output = self.fn(*inputs)
+        try:
+            # Capture on the warm-up's stream: libraries (cuBLAS) keep per-stream workspaces made during warm-up.
+            with torch.cuda.graph(graph, stream=stream):
+                output = self.fn(*inputs)
+        except RuntimeError as err:  # a library call that cannot be captured: run this shape eagerly
+            warnings.warn(f"CUDA graph capture failed, running eagerly instead ({err})", stacklevel=3)
+            torch.cuda.synchronize()
+            self.restore(state)
+            return None
         self.restore(state)
         return graph, inputs, output

@@ -60,10 +60,12 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, k_ss, v_sb, v_sh,
-                             v_ss, valid_sb, o_sb, o_sh, length, scale, HEAD: tl.constexpr, BLOCK: tl.constexpr):
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, used_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, k_ss,
+                             v_sb, v_sh, v_ss, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
+                             BLOCK: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    length = tl.minimum(tl.load(used_ptr + b), capacity)  # this row's filled slots: read no further
     dims = tl.arange(0, HEAD)
     q = tl.load(q_ptr + b * q_sb + h * q_sh + dims).to(tl.float32) * scale
     best = tl.full((), -1.0e30, tl.float32)
@@ -85,20 +87,20 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, q_sb, q_sh
     tl.store(out_ptr + b * o_sb + h * o_sh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor,
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, used: torch.Tensor,
                      scale: float) -> torch.Tensor:
-    """One query per row over cached keys: q (B, H, 1, D), k/v (B, H, S, D), `valid` (B, S) marks real slots.
+    """One query per row over cached keys: q (B, H, 1, D), k/v (B, H, S, D), `valid` (B, S) marks real slots,
+    `used` (B,) how many slots each row has filled (read on the device, so one CUDA graph serves every step).
 
     A row attends to its valid slots only (decoding appends in order, so that is also causal). Read-bound: each
     program streams its row's keys and values once, with an online softmax.
     """
     batch, heads, _, head_dim = q.shape
-    length = k.shape[2]
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
     valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     _decode_attention_kernel[(batch, heads)](
-        q, k, v, valid, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), valid.stride(0), out.stride(0), out.stride(1), length, scale,
+        q, k, v, valid, used, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), v.stride(2), valid.stride(0), out.stride(0), out.stride(1), k.shape[2], scale,
         HEAD=head_dim, BLOCK=64, num_warps=4,
     )
     return out

@@ -149,7 +149,7 @@ class Attention(nn.Module):
         if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
             from kosmos2_cli.kernels import decode_attention
 
-            out = decode_attention(q, k, v, cache.visible_valid(), self.scale)
+            out = decode_attention(q, k, v, cache.visible_valid(), cache.next_slot, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).flatten(2)
