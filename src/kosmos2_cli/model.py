@@ -95,6 +95,10 @@ class Kosmos2CausalLMOutput(ModelOutput):
     vision_hidden_states: tuple[Tensor, ...] | None = None
 
 
+# Passed as an attention mask: plain causal attention, for prompts without padding (SDPA's flash kernel).
+CAUSAL = object()
+
+
 class Attention(nn.Module):
     """Multi-head attention; the decoder's adds a LayerNorm on the heads' output (sub-LN) before `out_proj`."""
 
@@ -150,6 +154,8 @@ class Attention(nn.Module):
             from kosmos2_cli.kernels import decode_attention
 
             out = decode_attention(q, k, v, cache.visible_valid(), cache.next_slot, self.scale)
+        elif mask is CAUSAL:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).flatten(2)
@@ -484,7 +490,9 @@ class Kosmos2PreTrainedModel(nn.Module):
         position_ids: Tensor | None,
         use_cache: bool,
         hidden_states: list | None,
+        unpadded: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
+        """Decoder hidden states; `unpadded` promises no padding in a fresh prompt (plain causal attention)."""
         text = self.text_model.model
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
@@ -498,12 +506,14 @@ class Kosmos2PreTrainedModel(nn.Module):
         if positions is None:
             positions = positions_for(valid, cache.real_tokens if cache is not None else None, text.padding_idx)
         x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds)
+        fresh = cache is None or cache.length == 0
         if cache is not None:
             slots = cache.append(valid)
-            mask = attention_mask_for(cache.visible_valid(), slots)
+            mask = CAUSAL if unpadded and fresh else attention_mask_for(cache.visible_valid(), slots)
         else:
             slots = None
-            mask = attention_mask_for(valid, torch.arange(length, device=x.device).expand(batch, length))
+            mask = CAUSAL if unpadded else attention_mask_for(valid, torch.arange(length, device=x.device).expand(
+                batch, length))
         return text(x, mask, cache, slots, hidden_states), cache
 
     def _image_embeds(self, pixel_values, image_embeds, interpolate_pos_encoding, vision_hidden_states):
