@@ -71,9 +71,9 @@ def test_greedy_tokens_identical_on_fixture_images(pair):
     for path in fixture_images()[:3]:
         batch = inputs("<grounding> An image of", path.name, queries)
         expected = ref.generate(**batch, max_new_tokens=34, do_sample=False, min_new_tokens=34)
-        got = ours.generate(**batch, max_new_tokens=34)
-        assert got.shape[1] - batch["input_ids"].shape[1] >= 32
-        assert torch.equal(got, expected[:, : got.shape[1]]), path.name
+        got = ours.generate(**batch, max_new_tokens=34, min_new_tokens=34)
+        assert got.shape[1] - batch["input_ids"].shape[1] == 34
+        assert torch.equal(got, expected), path.name
         outputs.add(tuple(got[0].tolist()))
     assert len(outputs) > 1, "the image should change the answer"
 
@@ -171,3 +171,33 @@ def test_half_precision_matches_reference_and_stays_close(dtype, tmp_path, share
     assert (got - ref_got).norm() / ref_got.norm() < 1e-2
     tokens = half.generate(**batch, max_new_tokens=8)
     assert tokens.shape[1] > batch["input_ids"].shape[1]
+
+
+@torch.no_grad()
+def test_fixed_shape_decoding_and_fused_projections_change_nothing(pair, monkeypatch):
+    """What the CUDA graph replays (attention over the whole fixed-size cache) and fused q/k/v, run on CPU."""
+    import kosmos2_cli.generate as generation
+
+    _, ours, queries = pair
+    batch = inputs("<grounding> An image of", "snowman.png", queries)
+    plain = ours.generate(**batch, max_new_tokens=24)
+    plain_beams = ours.generate(**batch, max_new_tokens=10, num_beams=3)
+    original = generation.Decoder.__init__
+
+    def fixed_shape(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.static = True
+
+    monkeypatch.setattr(generation.Decoder, "__init__", fixed_shape)
+    ours.__dict__.pop("_decoders", None)
+    assert torch.equal(ours.generate(**batch, max_new_tokens=24), plain)
+    assert torch.equal(ours.generate(**batch, max_new_tokens=10, num_beams=3), plain_beams)
+    decoder = next(iter(ours._decoders.values()))
+    assert decoder.cache.static
+    monkeypatch.undo()
+    ours.__dict__.pop("_decoders", None)
+    logits = ours(**batch).logits
+    ours.fuse_for_inference()
+    assert ours.text_model.model.layers[0].self_attn.qkv is not None
+    assert torch.allclose(ours(**batch).logits, logits, atol=1e-4, rtol=1e-5)
+    assert torch.equal(ours.generate(**batch, max_new_tokens=24), plain)

@@ -51,7 +51,7 @@ def test_dtype_and_device_at_load(checkpoint):
     assert dtypes == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert not any(p.is_meta for p in model.parameters())
-    assert model.text_model.model.embed_positions.dtype == torch.float32
+    assert model.text_model.model.embed_positions.dtype == torch.bfloat16
 
 
 def test_kosmos2model_ignores_the_head(checkpoint, tmp_path):

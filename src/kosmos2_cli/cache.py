@@ -1,7 +1,9 @@
-"""The decoder's key/value cache: preallocated per layer, grown only when a caller overruns it.
+"""The decoder's key/value cache: preallocated per layer, with a write position per row.
 
-Rows of a batch share slot numbers (prompts are left-aligned by padding), and `valid` marks which slots hold
-real tokens, so one cache serves padded batches, beam search (rows reordered) and step-by-step decoding.
+`valid` marks the slots that hold real tokens (padding never does), `next_slot` is where each row's next token
+goes and `real_tokens` counts each row's real tokens (its next position). Rows are independent, so one cache
+serves padded batches, beam search (rows reordered), rows that restart with a new prompt (continuous batching)
+and step-by-step decoding; all updates are tensor operations, so a decode step can be captured as a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length = 0
+        self.next_slot = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0  # slots in use by the longest row: attention looks no further (unless `static`)
+        self.static = False  # fixed shapes for CUDA graphs: attention reads the first `window` slots
+        self.window = capacity
 
     @classmethod
     def for_model(
@@ -34,6 +39,10 @@ class KVCache:
     def capacity(self) -> int:
         return self.valid.shape[1]
 
+    @property
+    def batch(self) -> int:
+        return self.valid.shape[0]
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -43,24 +52,65 @@ class KVCache:
         self.values = [torch.cat([v, v.new_zeros(*v.shape[:2], extra, v.shape[3])], dim=2) for v in self.values]
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], dim=1)
 
-    def append(self, valid: Tensor) -> None:
-        """Reserve slots for `valid.shape[1]` new tokens; `valid` says which of them are real."""
+    def append(self, valid: Tensor) -> Tensor:
+        """Reserve the next `valid.shape[1]` slots of every row; `valid` says which new tokens are real.
+
+        Returns the slots, (batch, new). Growing (for callers that overrun the capacity) is not possible while
+        `static`.
+        """
         new = valid.shape[1]
-        if self.length + new > self.capacity:
+        if not self.static and self.length + new > self.capacity:
             self._grow(max(self.length + new, 2 * self.capacity))
-        self.valid[:, self.length : self.length + new] = valid
+        slots = self.next_slot[:, None] + torch.arange(new, device=valid.device)
+        if self.static:
+            slots = slots.clamp_(max=self.capacity - 1)  # rows that are done keep stepping in place
+        self.valid.scatter_(1, slots, valid)
         self.real_tokens += valid.sum(dim=1)
-        self.length += new
+        self.next_slot += new
+        self.length = min(self.length + new, self.capacity)
+        return slots
 
     def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys and values; return all filled slots of the layer."""
-        self.keys[layer].index_copy_(2, slots, k)
-        self.values[layer].index_copy_(2, slots, v)
-        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+        """Write this step's keys and values at each row's slots; return the slots attention reads."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+        seen = self.window if self.static else self.length
+        return self.keys[layer][:, :, :seen], self.values[layer][:, :, :seen]
+
+    def visible_valid(self) -> Tensor:
+        return self.valid[:, : self.window if self.static else self.length]
+
+    def state(self) -> tuple[Tensor, ...]:
+        """A copy of the bookkeeping a step changes (not the keys and values: a step only adds to those)."""
+        return tuple(t.clone() for t in (self.valid, self.real_tokens, self.next_slot))
+
+    def set_state(self, state: tuple[Tensor, ...]) -> None:
+        for live, saved in zip((self.valid, self.real_tokens, self.next_slot), state, strict=True):
+            live.copy_(saved)
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.real_tokens.zero_()
+        self.next_slot.zero_()
+        self.length = 0
 
     def reorder(self, rows: Tensor) -> None:
-        """Keep rows `rows` (beam search picks which hypotheses continue)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
-        self.valid = self.valid.index_select(0, rows)
-        self.real_tokens = self.real_tokens.index_select(0, rows)
+        """Keep rows `rows` (beam search picks which hypotheses continue), in place."""
+        for tensors in (self.keys, self.values):
+            for t in tensors:
+                t.copy_(t.index_select(0, rows))
+        for t in (self.valid, self.real_tokens, self.next_slot):
+            t.copy_(t.index_select(0, rows))
+
+    def load_rows(self, rows: Tensor, other: KVCache) -> None:
+        """Put `other`'s rows (freshly prefilled prompts) into rows `rows` of this cache."""
+        width = other.length
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            for a, b in zip(mine, theirs, strict=True):
+                a[rows, :, :width] = b[:, :, :width]
+        self.valid[rows] = False
+        self.valid[rows, :width] = other.valid[:, :width]
+        self.real_tokens[rows] = other.real_tokens
+        self.next_slot[rows] = other.next_slot
+        self.length = max(self.length, width)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kosmos2_cli.cache import KVCache
+from kosmos2_cli.graphs import Graphed
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -42,28 +43,93 @@ def warp_logits(scores: Tensor, temperature: float, top_k: int | None, top_p: fl
     return scores
 
 
+WINDOW = 64  # decode steps attend over the cache in windows of this many slots (one graph per window)
+GRAPHED_PREFILL_BATCH = 16
+CHECK_EVERY_CUDA = 4  # up to this batch the prompt and the image encoder are bound by kernel launches
+
+
 class Decoder:
-    """Runs the model one call at a time over a cache: prefill once, then one token per step."""
+    """Runs the model over a cache: a prompt once (prefill), then one token per row per step.
 
-    def __init__(self, model, image_embeds: Tensor, input_ids: Tensor, valid: Tensor, image_mask: Tensor | None,
-                 capacity: int) -> None:
+    A decoder is kept per (batch, capacity) and reused across `generate` calls. On CUDA the decode step runs as
+    CUDA graphs over the fixed-shape cache, one per attention window (a step reads only the first multiple of
+    WINDOW slots that holds every row's tokens), and so does the prefill of small batches.
+    """
+
+    def __init__(self, model, batch: int, capacity: int, device: torch.device, graphs: bool) -> None:
         self.model = model
-        batch, length = input_ids.shape
-        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, input_ids.device, model.dtype)
-        self.prefill_args = (input_ids, valid, image_embeds, image_mask)
+        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, device, model.dtype)
+        self.graphs = graphs
+        self.static = graphs  # fixed-shape attention (what a graph needs); tests force it on the CPU
+        self.filled = 0  # slots used by the longest row
+        self.unpadded = False  # the current prompts have no padding: plain causal attention in prefill
+        if graphs:
+            model.text_model.model.ensure_positions(capacity + 2)
+            self._step = Graphed(self._step_logits, self.cache.state, self.cache.set_state)
+            self._prefill = Graphed(self._prefill_logits, max_graphs=4)
 
-    def prefill(self) -> Tensor:
-        input_ids, valid, image_embeds, image_mask = self.prefill_args
-        self.prefill_args = None
-        return self._logits(input_ids, valid, image_embeds, image_mask)
+    @classmethod
+    def for_model(cls, model, batch: int, needed: int, device: torch.device) -> Decoder:
+        """The model's decoder for this shape (capacity rounded up so nearby lengths share one)."""
+        capacity = -(-needed // WINDOW) * WINDOW
+        graphs = device.type == "cuda"
+        decoders: dict = model.__dict__.setdefault("_decoders", {})
+        key = (batch, capacity, device, model.dtype, graphs)
+        if key not in decoders:
+            while len(decoders) >= 2:  # each holds a KV cache: keep the two most recent shapes
+                decoders.pop(next(iter(decoders)))
+            decoders[key] = cls(model, batch, capacity, device, graphs)
+        decoders[key] = decoders.pop(key)  # most recently used last
+        return decoders[key]
+
+    def prefill(self, input_ids: Tensor, valid: Tensor, image_embeds: Tensor | None,
+                image_mask: Tensor | None, unpadded: bool = False) -> Tensor:
+        """The prompts' logits at their last token; `unpadded` (no padding anywhere) allows plain causal attention."""
+        self.cache.reset()
+        self.cache.static = False  # the prompt attends over its own length only
+        self.unpadded = unpadded
+        small = input_ids.shape[0] <= GRAPHED_PREFILL_BATCH
+        if self.graphs and small and image_embeds is not None and image_mask is not None:
+            logits = self._prefill(input_ids, valid, image_embeds, image_mask, key=(unpadded,))
+            self.cache.length = input_ids.shape[1]
+        else:
+            logits = self._prefill_logits(input_ids, valid, image_embeds, image_mask)
+        self.filled = input_ids.shape[1]
+        self.cache.static = self.static
+        return logits
 
     def step(self, tokens: Tensor) -> Tensor:
+        self.filled = min(self.filled + 1, self.cache.capacity)
+        # The Triton decode kernel reads each row's length on the device: one window (graph) serves all steps.
+        whole = getattr(self.model.text_model.model.layers[0].self_attn, "fast_decode", False)
+        self.cache.window = self.cache.capacity if whole else min(-(-self.filled // WINDOW) * WINDOW,
+                                                                  self.cache.capacity)
+        if self.graphs:
+            return self._step(tokens, key=(self.cache.window,))
+        return self._step_logits(tokens)
+
+    def _prefill_logits(self, ids: Tensor, valid: Tensor, image_embeds, image_mask) -> Tensor:
+        self.cache.reset()
+        return self._logits(ids, valid, image_embeds, image_mask, self.unpadded)
+
+    def _step_logits(self, tokens: Tensor) -> Tensor:
         return self._logits(tokens[:, None], None, None, None)
 
-    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask) -> Tensor:
+    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask, unpadded: bool = False) -> Tensor:
         hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
-                                              None)
+                                              None, unpadded)
         return self.model.logits(hidden[:, -1]).float()
+
+    def reorder(self, rows: Tensor) -> None:
+        self.cache.reorder(rows)
+
+
+def encode_images(model, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
+    """Image embeddings; small CUDA batches replay a graph (its output is overwritten by the next call)."""
+    if pixel_values.is_cuda and pixel_values.shape[0] <= GRAPHED_PREFILL_BATCH and not interpolate_pos_encoding:
+        graphed = model.__dict__.setdefault("_vision_graph", Graphed(model.get_image_features, max_graphs=4))
+        return graphed(pixel_values.to(model.dtype))
+    return model.get_image_features(pixel_values, interpolate_pos_encoding)
 
 
 @torch.no_grad()
@@ -97,8 +163,7 @@ def generate(
     """Prompt + generated tokens, shape (batch, prompt + steps); rows that stop early are filled with padding.
 
     `stop_token_ids` end a row like EOS does (the stop token is kept): `kosmos2 ground` stops at `</object>`.
-    `min_new_tokens` forbids EOS and the stop tokens before that many new tokens (as the reference does; the
-    benchmarks use it to time a fixed number of tokens).
+    Until `min_new_tokens` are generated, EOS is ruled out (as the reference's min-new-tokens processor does).
     `seed` (or `generator`) makes sampling repeatable; with the same seed it draws what
     `torch.manual_seed(seed)` + the reference draw.
     """
@@ -118,7 +183,7 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
 
     if image_embeds is None and pixel_values is not None:
-        image_embeds = model.get_image_features(pixel_values.to(device), interpolate_pos_encoding)
+        image_embeds = encode_images(model, pixel_values.to(device), interpolate_pos_encoding)
     valid = input_ids.ne(pad)
     if attention_mask is not None:
         valid &= attention_mask.to(device=device, dtype=torch.bool)
@@ -127,33 +192,43 @@ def generate(
     if image_embeds is not None and image_mask is None:
         raise ValueError("image_embeds_position_mask is needed to place the image in the prompt")
 
+    unpadded = bool(aligned_valid.all())  # one read-back per call: lets the prompt use plain causal attention
     stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
+    no_eos = _EosBlocker(torch.tensor(eos, device=device), min_new_tokens)
     if num_beams > 1:
         new = _beam_search(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask, num_beams,
                            max_new_tokens, stops, pad, length_penalty, early_stopping, do_sample, temperature,
-                           top_k, top_p, generator, min_new_tokens)
+                           top_k, top_p, generator, no_eos)
     else:
-        decoder = Decoder(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask,
-                          prompt_len + max_new_tokens)
-        new = _sample(decoder, batch, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
-                      min_new_tokens)
+        decoder = Decoder.for_model(model, batch, prompt_len + max_new_tokens, device)
+        logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask, unpadded)
+        new = _sample(decoder, logits, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
+                      no_eos)
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
 
-def _forbid_stops(scores: Tensor, stops: Tensor) -> Tensor:
-    """Scores with the stop tokens made impossible (`min_new_tokens` not reached yet)."""
-    return scores.index_fill(-1, stops, -float("inf"))
+class _EosBlocker:
+    """Sets EOS scores to -inf while fewer than `minimum` tokens are generated."""
+
+    def __init__(self, eos: Tensor, minimum: int) -> None:
+        self.eos, self.minimum = eos, minimum
+
+    def __call__(self, scores: Tensor, step: int) -> Tensor:
+        if step < self.minimum:  # index_fill_ takes the value as an argument: no host-to-device copy, no sync
+            scores = scores.clone().index_fill_(1, self.eos, -float("inf"))
+        return scores
 
 
-def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
+def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
             temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None,
-            min_new_tokens: int = 0) -> Tensor:
-    running = torch.ones(batch, dtype=torch.bool, device=stops.device)
+            no_eos: _EosBlocker) -> Tensor:
+    running = torch.ones(logits.shape[0], dtype=torch.bool, device=stops.device)
     tokens: list[Tensor] = []
-    logits = decoder.prefill()
+    alive: list[Tensor] = []
+    # Asking the GPU whether every row is done costs a round trip; ask every few steps and drop the extra ones.
+    check_every = CHECK_EVERY_CUDA if logits.is_cuda else 1
     for step in range(max_new_tokens):
-        if step < min_new_tokens:
-            logits = _forbid_stops(logits, stops)
+        logits = no_eos(logits, step)
         if do_sample:
             probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -161,16 +236,19 @@ def _sample(decoder: Decoder, batch: int, max_new_tokens: int, stops: Tensor, pa
             chosen = logits.argmax(dim=-1)
         chosen = torch.where(running, chosen, pad)
         tokens.append(chosen)
-        running &= ~torch.isin(chosen, stops)
-        if step + 1 == max_new_tokens or not bool(running.any()):
+        running = running & ~torch.isin(chosen, stops)
+        alive.append(running.any())
+        if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and not bool(alive[-1])):
             break
         logits = decoder.step(chosen)
-    return torch.stack(tokens, dim=1)
+    done = (~torch.stack(alive)).nonzero()
+    steps = int(done[0]) + 1 if len(done) else len(tokens)
+    return torch.stack(tokens[:steps], dim=1)
 
 
 def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: int, max_new_tokens: int,
                  stops: Tensor, pad: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
-                 temperature: float, top_k: int | None, top_p: float, generator, min_new_tokens: int = 0) -> Tensor:
+                 temperature: float, top_k: int | None, top_p: float, generator, no_eos: _EosBlocker) -> Tensor:
     """The reference's vectorised beam search (keep 2*beams candidates, finished hypotheses kept apart)."""
     batch, prompt_len = input_ids.shape
     beams = num_beams
@@ -181,7 +259,9 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
     def expand(t):
         return None if t is None else t.repeat_interleave(beams, dim=0)
 
-    decoder = Decoder(model, expand(image_embeds), expand(input_ids), expand(valid), expand(image_mask), max_len)
+    decoder = Decoder.for_model(model, batch * beams, max_len, device)
+    logits = decoder.prefill(expand(input_ids), expand(valid), expand(image_embeds), expand(image_mask),
+                             bool(valid.all()))
     running = torch.full((batch, beams, max_len), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None]
     running_scores = torch.zeros(batch, beams, device=device)
@@ -194,12 +274,9 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
     top_beams = torch.arange(keep, device=device) < beams
     row_offset = torch.arange(batch, device=device)[:, None] * beams
 
-    logits = decoder.prefill()
     cur = prompt_len
     while True:
-        log_probs = F.log_softmax(logits, dim=-1)
-        if cur - prompt_len < min_new_tokens:
-            log_probs = _forbid_stops(log_probs, stops)
+        log_probs = no_eos(F.log_softmax(logits, dim=-1), cur - prompt_len)
         if do_sample:
             log_probs = warp_logits(log_probs, temperature, top_k, top_p, keep=1 + len(stops))
         vocab = log_probs.shape[-1]
@@ -247,7 +324,7 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
         go_on = bool(improvable.any()) and not (bool(is_finished.all()) and early_stopping is True)
         if not go_on or bool(hits.all()):
             break
-        decoder.cache.reorder(rows)
+        decoder.reorder(rows)
         logits = decoder.step(running[:, :, cur - 1].flatten())
 
     length = int(finished_lengths[:, 0].max())

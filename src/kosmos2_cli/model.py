@@ -19,18 +19,42 @@ from kosmos2_cli.cache import KVCache
 from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
 
 
+def _quick_gelu(x: Tensor) -> Tensor:
+    if x.is_cuda and _FAST_KERNELS[0]:
+        from kosmos2_cli.kernels import quick_gelu
+
+        return quick_gelu(x)
+    return x * torch.sigmoid(1.702 * x)
+
+
+_FAST_KERNELS = [False]  # set by fuse_for_inference on a CUDA model with Triton present
+
+
 def _activation(name: str):
     if name == "gelu":
         return F.gelu
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
+        return _quick_gelu
     if name == "relu":
         return F.relu
     if name in ("silu", "swish"):
         return F.silu
     raise ValueError(f"unsupported activation function {name!r}")
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm; with `fast` on a CUDA input, a Triton kernel (same maths, one program per row)."""
+
+    fast = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fast and x.is_cuda:
+            from kosmos2_cli.kernels import layer_norm
+
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        return super().forward(x)
 
 
 @dataclass
@@ -71,6 +95,10 @@ class Kosmos2CausalLMOutput(ModelOutput):
     vision_hidden_states: tuple[Tensor, ...] | None = None
 
 
+# Passed as an attention mask: plain causal attention, for prompts without padding (SDPA's flash kernel).
+CAUSAL = object()
+
+
 class Attention(nn.Module):
     """Multi-head attention; the decoder's adds a LayerNorm on the heads' output (sub-LN) before `out_proj`."""
 
@@ -85,10 +113,24 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.inner_attn_ln = nn.LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
+        self.inner_attn_ln = LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
+
+        self.qkv: tuple[Tensor, Tensor] | None = None
+        self.fast_decode = False  # a Triton kernel for one-query steps over a fixed-shape cache (CUDA)
 
     def _split(self, x: Tensor) -> Tensor:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """One (3*dim, dim) projection instead of three, for inference; q/k/v_proj become views of it."""
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            rows = slice(i * weight.shape[1], (i + 1) * weight.shape[1])
+            proj.weight = nn.Parameter(weight[rows], requires_grad=False)
+            proj.bias = nn.Parameter(bias[rows], requires_grad=False)
+        self.qkv = (weight, bias)
 
     def forward(
         self,
@@ -99,13 +141,23 @@ class Attention(nn.Module):
         layer: int = 0,
         slots: Tensor | None = None,
     ) -> Tensor:
-        source = x if kv_source is None else kv_source
-        q = self._split(self.q_proj(x))
-        k = self._split(self.k_proj(source))
-        v = self._split(self.v_proj(source))
+        if self.qkv is not None and kv_source is None:
+            q, k, v = (self._split(t) for t in F.linear(x, *self.qkv).chunk(3, dim=-1))
+        else:
+            source = x if kv_source is None else kv_source
+            q = self._split(self.q_proj(x))
+            k = self._split(self.k_proj(source))
+            v = self._split(self.v_proj(source))
         if cache is not None:
             k, v = cache.update(layer, slots, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
+            from kosmos2_cli.kernels import decode_attention
+
+            out = decode_attention(q, k, v, cache.visible_valid(), cache.next_slot, self.scale)
+        elif mask is CAUSAL:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         out = out.transpose(1, 2).flatten(2)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
@@ -156,11 +208,11 @@ class VisionLayer(nn.Module):
         super().__init__()
         dim = config.hidden_size
         self.self_attn = Attention(dim, config.num_attention_heads)
-        self.layer_norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
         self.mlp.fc2 = nn.Linear(config.intermediate_size, dim)
-        self.layer_norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(dim, eps=config.layer_norm_eps)
         self.act = _activation(config.hidden_act)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,10 +224,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: Kosmos2VisionConfig) -> None:
         super().__init__()
         self.embeddings = VisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pre_layrnorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
-        self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(
         self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, hidden_states: list | None = None
@@ -229,17 +281,34 @@ def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Tensor:
     return table
 
 
+def place_image(embeds: Tensor, image: Tensor, where: Tensor, checked: bool = True) -> Tensor:
+    """Put the image's rows where `where` is set, in order, one image per prompt row.
+
+    The same result as the reference's `embeds[where] = image.view(-1, dim)` when every row holds one image's
+    slots, without reading the mask back to the host (so it can run inside a CUDA graph). Other layouts take
+    the reference's way.
+    """
+    image = image.to(embeds)
+    if checked and (image.shape[0] != embeds.shape[0] or bool((where.sum(1) != image.shape[1]).any())):
+        embeds = embeds.clone()
+        embeds[where] = image.reshape(-1, image.shape[-1])
+        return embeds
+    order = (torch.cumsum(where.long(), dim=1) - 1).clamp_(min=0)
+    placed = torch.take_along_dim(image, order[..., None], dim=1)
+    return torch.where(where[..., None], placed, embeds)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: Kosmos2TextConfig) -> None:
         super().__init__()
         dim = config.embed_dim
         self.self_attn = Attention(dim, config.attention_heads, inner_norm_eps=config.layer_norm_eps)
-        self.self_attn_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.self_attn_layer_norm = LayerNorm(dim, eps=config.layer_norm_eps)
         self.ffn = nn.Module()
         self.ffn.fc1 = nn.Linear(dim, config.ffn_dim)
         self.ffn.fc2 = nn.Linear(config.ffn_dim, dim)
-        self.ffn.ffn_layernorm = nn.LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
-        self.final_layer_norm = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.ffn.ffn_layernorm = LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(dim, eps=config.layer_norm_eps)
         self.act = _activation(config.activation_function)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slots: Tensor | None):
@@ -258,14 +327,18 @@ class TextTransformer(nn.Module):
         table = sinusoidal_table(config.max_position_embeddings + 2, config.embed_dim, config.pad_token_id)
         self.register_buffer("embed_positions", table, persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
-        self.layer_norm = nn.LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.layer_norm = LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
 
-    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype) -> Tensor:
-        needed = int(position_ids.max()) + 1
-        if needed > self.embed_positions.shape[0]:
-            table = sinusoidal_table(needed + 2, self.config.embed_dim, self.padding_idx)
-            self.embed_positions = table.to(self.embed_positions.device)
-        return self.embed_positions.to(dtype)[position_ids]
+    def ensure_positions(self, count: int) -> None:
+        """Make the sinusoid table cover positions below `count` (it is rebuilt larger when a prompt overruns)."""
+        if count > self.embed_positions.shape[0]:
+            table = sinusoidal_table(count + 2, self.config.embed_dim, self.padding_idx)
+            self.embed_positions = table.to(self.embed_positions)
+
+    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype, check: bool = True) -> Tensor:
+        if check:  # reads the largest position back to the host: not while a CUDA graph is captured
+            self.ensure_positions(int(position_ids.max()) + 1)
+        return self.embed_positions[position_ids].to(dtype)
 
     def embed(
         self,
@@ -277,12 +350,12 @@ class TextTransformer(nn.Module):
     ) -> Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        capturing = inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing()
         if image_embeds is not None and image_embeds_position_mask is not None:
-            where = image_embeds_position_mask.to(torch.bool)
-            inputs_embeds = inputs_embeds.clone()
-            inputs_embeds[where] = image_embeds.to(inputs_embeds).reshape(-1, image_embeds.shape[-1])
+            inputs_embeds = place_image(inputs_embeds, image_embeds, image_embeds_position_mask.to(torch.bool),
+                                        checked=not capturing)
         x = inputs_embeds * self.embed_scale
-        return x + self.position_embeddings(position_ids, x.dtype)
+        return x + self.position_embeddings(position_ids, x.dtype, check=not capturing)
 
     def forward(
         self,
@@ -317,31 +390,28 @@ class TextForCausalLM(TextModel):
 # Whole models
 
 
-def positions_and_mask(
-    input_ids: Tensor | None,
-    attention_mask: Tensor | None,
-    shape: tuple[int, int],
-    device: torch.device,
+def real_tokens(
+    input_ids: Tensor | None, attention_mask: Tensor | None, shape: tuple[int, int], device: torch.device,
     padding_idx: int,
-    cache: KVCache | None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Position ids, per-token validity, and the cache slots the new tokens go to.
-
-    A token is real when its id is not padding and the attention mask (if any) keeps it. Positions count real
-    tokens only (padding keeps `padding_idx`), so a left-padded row gets the positions it would have alone.
-    """
-    batch, length = shape
+) -> Tensor:
+    """Which tokens are real: the id is not padding and the attention mask (if any) keeps it."""
     valid = torch.ones(shape, dtype=torch.bool, device=device)
     if input_ids is not None:
         valid &= input_ids.ne(padding_idx)
     if attention_mask is not None:
-        valid &= attention_mask[:, -length:].to(device=device, dtype=torch.bool)
-    start = cache.real_tokens if cache is not None else torch.zeros(batch, dtype=torch.long, device=device)
-    positions = (torch.cumsum(valid.long(), dim=1) + start[:, None]) * valid + padding_idx
-    slots = None
-    if cache is not None:
-        slots = torch.arange(cache.length, cache.length + length, device=device)
-    return positions, valid, slots
+        valid &= attention_mask[:, -shape[1]:].to(device=device, dtype=torch.bool)
+    return valid
+
+
+def positions_for(valid: Tensor, before: Tensor | None, padding_idx: int) -> Tensor:
+    """Position ids counting real tokens only (padding keeps `padding_idx`, whose sinusoid is zero).
+
+    A left-padded row thus gets the positions it would have alone; `before` counts each row's earlier tokens.
+    """
+    counts = torch.cumsum(valid.long(), dim=1)
+    if before is not None:
+        counts = counts + before[:, None]
+    return counts * valid + padding_idx
 
 
 def attention_mask_for(valid_keys: Tensor, query_slots: Tensor) -> Tensor:
@@ -351,9 +421,9 @@ def attention_mask_for(valid_keys: Tensor, query_slots: Tensor) -> Tensor:
     attends to a padding slot.
     """
     key_slots = torch.arange(valid_keys.shape[1], device=valid_keys.device)
-    causal = key_slots[None, :] <= query_slots[:, None]
-    own = key_slots[None, :] == query_slots[:, None]
-    return ((valid_keys[:, None, :] & causal[None]) | own[None])[:, None]
+    causal = key_slots <= query_slots[..., None]
+    own = key_slots == query_slots[..., None]
+    return ((valid_keys[:, None, :] & causal) | own)[:, None]
 
 
 class Kosmos2PreTrainedModel(nn.Module):
@@ -429,7 +499,9 @@ class Kosmos2PreTrainedModel(nn.Module):
         position_ids: Tensor | None,
         use_cache: bool,
         hidden_states: list | None,
+        unpadded: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
+        """Decoder hidden states; `unpadded` promises no padding in a fresh prompt (plain causal attention)."""
         text = self.text_model.model
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
@@ -438,17 +510,19 @@ class Kosmos2PreTrainedModel(nn.Module):
             cache = KVCache.for_model(self.config.text_config, batch, length, reference.device, self.dtype)
         if cache is not None and cache.length > 0:
             image_embeds = None  # already in the cache
-        positions, valid, slots = positions_and_mask(
-            input_ids, attention_mask, (batch, length), reference.device, text.padding_idx, cache
-        )
-        if position_ids is not None:
-            positions = position_ids
+        valid = real_tokens(input_ids, attention_mask, (batch, length), reference.device, text.padding_idx)
+        positions = position_ids
+        if positions is None:
+            positions = positions_for(valid, cache.real_tokens if cache is not None else None, text.padding_idx)
         x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds)
+        fresh = cache is None or cache.length == 0
         if cache is not None:
-            cache.append(valid)
-            mask = attention_mask_for(cache.valid[:, : cache.length], slots)
+            slots = cache.append(valid)
+            mask = CAUSAL if unpadded and fresh else attention_mask_for(cache.visible_valid(), slots)
         else:
-            mask = attention_mask_for(valid, torch.arange(length, device=x.device))
+            slots = None
+            mask = CAUSAL if unpadded else attention_mask_for(valid, torch.arange(length, device=x.device).expand(
+                batch, length))
         return text(x, mask, cache, slots, hidden_states), cache
 
     def _image_embeds(self, pixel_values, image_embeds, interpolate_pos_encoding, vision_hidden_states):
@@ -515,6 +589,29 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         self.image_to_text_projection = ImageToTextProjection(config)
         self.tie_weights()
 
+    def fuse_for_inference(self) -> None:
+        """Inference-only speed-ups with the same maths: fused q/k/v projections, and on CUDA (with Triton) a
+        LayerNorm kernel suited to decoding's few rows. Parameters stop requiring gradients."""
+        try:
+            import triton  # noqa: F401
+
+            fast_norm = self.device.type == "cuda"
+        except ImportError:
+            fast_norm = False
+        for module in self.modules():
+            if isinstance(module, Attention):
+                if module.qkv is None:
+                    module.fuse_qkv()
+                module.fast_decode = fast_norm
+            elif isinstance(module, LayerNorm):
+                module.fast = fast_norm
+        _FAST_KERNELS[0] = _FAST_KERNELS[0] or fast_norm
+        if fast_norm:
+            # cuBLAS falls back to a slow kernel for 65,037 output rows; a copy padded to a multiple of 64 is fast.
+            weight = self.text_model.lm_head.weight
+            rows = -(-weight.shape[0] // 64) * 64
+            self._padded_head = torch.cat([weight.detach(), weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+
     def tie_weights(self) -> None:
         if self.config.text_config.tie_word_embeddings:
             head, embed = self.text_model.lm_head, self.text_model.model.embed_tokens
@@ -530,6 +627,9 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         return self.text_model.lm_head
 
     def logits(self, hidden: Tensor) -> Tensor:
+        padded = self.__dict__.get("_padded_head")
+        if padded is not None and hidden.device == padded.device:
+            return F.linear(hidden, padded)[..., : self.config.text_config.vocab_size]
         return self.text_model.lm_head(hidden)
 
     def forward(

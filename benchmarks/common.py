@@ -1,0 +1,74 @@
+"""Shared by the benchmarks: one set of full-size random weights in the hub's layout, built once and cached."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # oracle.py: the released tokenizer and preprocessing files
+
+
+def full_size_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """Random weights of the released architecture (1.66 B params, fp32 safetensors, ~6.6 GB), made once."""
+    done = folder / "DONE"
+    if done.exists():
+        return folder
+    import torch
+
+    from kosmos2_cli import Kosmos2Config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    try:
+        from transformers import Kosmos2Config as RefConfig
+        from transformers import Kosmos2ForConditionalGeneration as Reference
+
+        Reference(RefConfig()).save_pretrained(str(folder))  # the reference's own initialisation
+    except ImportError:
+        from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+
+        model = Kosmos2ForConditionalGeneration(Kosmos2Config())
+        for p in model.parameters():
+            if p.dim() > 1:
+                torch.nn.init.normal_(p, std=0.02)
+        model.save_pretrained(folder)
+    write_tokenizer_files(folder)
+    done.write_text("ok")
+    return folder
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """The released tokenizer and preprocessing files (from ../shared, or KOSMOS2_SHARED on another machine)."""
+    from oracle import write_tokenizer_files as write
+
+    write(folder)
+
+
+def warm_file_cache(folder: Path) -> None:
+    """Read every weight file once so that load times measure a warm page cache."""
+    for path in folder.glob("*.safetensors"):
+        with open(path, "rb") as f:
+            while f.read(1 << 26):
+                pass
+
+
+def median_time(fn, repeat: int, sync=None) -> float:
+    times = []
+    for _ in range(repeat):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def dump(path: Path | None, data: dict) -> None:
+    if path is not None:
+        path.write_text(json.dumps(data, indent=2))
