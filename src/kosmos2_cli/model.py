@@ -115,7 +115,8 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.inner_attn_ln = LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
 
-        self.qkv: tuple[Tensor, Tensor] | None = None
+        # Fused q/k/v (fuse_qkv): (weight, bias) of a float model, or one int8 layer (kosmos2_cli.quant).
+        self.qkv: tuple[Tensor, Tensor] | nn.Module | None = None
         self.fast_decode = False  # a Triton kernel for one-query steps over a fixed-shape cache (CUDA)
 
     def _split(self, x: Tensor) -> Tensor:
@@ -124,6 +125,11 @@ class Attention(nn.Module):
     @torch.no_grad()
     def fuse_qkv(self) -> None:
         """One (3*dim, dim) projection instead of three, for inference; q/k/v_proj become views of it."""
+        if hasattr(self.q_proj, "qweight"):
+            from kosmos2_cli.quant import fuse_linears
+
+            self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+            return
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
         for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
@@ -142,7 +148,8 @@ class Attention(nn.Module):
         slots: Tensor | None = None,
     ) -> Tensor:
         if self.qkv is not None and kv_source is None:
-            q, k, v = (self._split(t) for t in F.linear(x, *self.qkv).chunk(3, dim=-1))
+            fused = F.linear(x, *self.qkv) if isinstance(self.qkv, tuple) else self.qkv(x)
+            q, k, v = (self._split(t) for t in fused.chunk(3, dim=-1))
         else:
             source = x if kv_source is None else kv_source
             q = self._split(self.q_proj(x))
@@ -462,6 +469,10 @@ class Kosmos2PreTrainedModel(nn.Module):
 
                 quantize_modules(model)  # int8 weights, quantized as they are read; the rest in float32
         load_weights(model, folder, device=target, dtype=torch.float32 if quantized else target_dtype)
+        if quantized:
+            for module in model.modules():
+                if isinstance(module, Attention):
+                    module.fuse_qkv()  # one int8 layer for q/k/v: fewer, larger kernel calls per step
         return model.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:

@@ -40,8 +40,9 @@ QUANT_BLOCK = 1 << 20
 Release = Callable[[Tensor], None]
 
 
-def group_size_for(in_features: int, group_size: int = GROUP_SIZE) -> int:
-    """`group_size` where it divides the width, else the whole width (one scale per channel)."""
+def group_size_for(in_features: int, group_size: int | None = None) -> int:
+    """`group_size` (default GROUP_SIZE) where it divides the width, else the whole width (one scale per channel)."""
+    group_size = GROUP_SIZE if group_size is None else group_size
     return group_size if 0 < group_size < in_features and in_features % group_size == 0 else in_features
 
 
@@ -114,16 +115,15 @@ def dequantize(qweight: Tensor, scales: Tensor, dtype: torch.dtype = torch.float
     return full.transpose(0, 1).reshape(rows, groups * size).to(dtype)
 
 
-def gemv(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x (rows, in) bf16 @ weights.T through the int8 kernel, one group slab at a time; fp32 out."""
-    groups, _, size = qweight.shape
-    if groups == 1:
-        return torch.ops.aten._weight_int8pack_mm(x, qweight[0], scales[0]).float()
-    slabs = x.view(x.shape[0], groups, size).transpose(0, 1).contiguous() if x.shape[0] > 1 else x.view(groups, 1, size)
-    out = torch.ops.aten._weight_int8pack_mm(slabs[0], qweight[0], scales[0]).float()
-    for g in range(1, groups):
-        out += torch.ops.aten._weight_int8pack_mm(slabs[g], qweight[g], scales[g])
-    return out
+def gemv(x: Tensor, slabs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """x (rows, in) bf16 @ weights.T through the int8 kernel, one group's slab at a time; fp32 out."""
+    if len(slabs) == 1:
+        return torch.ops.aten._weight_int8pack_mm(x, *slabs[0]).float()
+    size = slabs[0][0].shape[1]
+    parts = (x.view(len(slabs), 1, size) if x.shape[0] == 1 else
+             x.view(x.shape[0], len(slabs), size).transpose(0, 1).contiguous()).unbind(0)
+    outs = [torch.ops.aten._weight_int8pack_mm(part, q, s) for part, (q, s) in zip(parts, slabs, strict=True)]
+    return torch.stack(outs).sum(0, dtype=torch.float32)
 
 
 def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
@@ -141,12 +141,20 @@ def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return out
 
 
-def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """x (rows, in), any float dtype -> x @ weights.T (rows, out), by the kernel that suits the row count."""
-    x = x.to(COMPUTE_DTYPE).contiguous()
+def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, slabs: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    """x (rows, in), any float dtype -> x @ weights.T (rows, out), by the kernel that suits the row count.
+
+    `slabs`: the per-group (qweight[g], scales[g]) views, when the caller keeps them (saves two ops a group).
+    """
+    x = x.to(COMPUTE_DTYPE)
     if x.shape[0] <= GEMV_MAX_ROWS and kernel_ok(qweight.shape[2]):
-        return gemv(x, qweight, scales)
-    return dequant_matmul(x, qweight, scales)
+        # The kernel loads its inputs with aligned vector loads: a fresh, aligned copy for views that are not.
+        if not x.is_contiguous() or x.data_ptr() % 64:
+            x = x.clone(memory_format=torch.contiguous_format)
+        if slabs is None:
+            slabs = list(zip(qweight.unbind(0), scales.unbind(0), strict=True))
+        return gemv(x, slabs)
+    return dequant_matmul(x.contiguous(), qweight, scales)
 
 
 class Int8Weight(nn.Module):
@@ -156,7 +164,7 @@ class Int8Weight(nn.Module):
     quantizes it (no float copy is kept). The buffers are left out of the state dict: checkpoints hold floats.
     """
 
-    def _init_weight(self, rows: int, cols: int, device: torch.device | str | None, group_size: int) -> None:
+    def _init_weight(self, rows: int, cols: int, device: torch.device | str | None, group_size: int | None) -> None:
         size = group_size_for(cols, group_size)
         self.weight_shape = (rows, cols)
         self.group_size = size
@@ -164,15 +172,27 @@ class Int8Weight(nn.Module):
                              persistent=False)
         self.register_buffer("scales", torch.ones((cols // size, rows), dtype=torch.bfloat16, device=device),
                              persistent=False)
+        self._slabs: list[tuple[Tensor, Tensor]] | None = None  # per-group views, made when the weight is set
 
     def take_weight(self, source: Tensor, release: Release | None = None) -> None:
         if tuple(source.shape) != self.weight_shape:
             raise ValueError(f"weight of shape {list(source.shape)} for an int8 layer of {list(self.weight_shape)}")
-        self.qweight, self.scales = quantize(source, self.group_size, release)
+        self.set_weight(*quantize(source, self.group_size, release))
+
+    def set_weight(self, qweight: Tensor, scales: Tensor) -> None:
+        self.qweight, self.scales = qweight, scales
+        self.group_size = qweight.shape[2]
+        self.weight_shape = (qweight.shape[1], qweight.shape[0] * qweight.shape[2])
+        self._slabs = list(zip(qweight.unbind(0), scales.unbind(0), strict=True))
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cpu(), ...: keep the per-group views current
+        super()._apply(fn, recurse)
+        self._slabs = list(zip(self.qweight.unbind(0), self.scales.unbind(0), strict=True))
+        return self
 
     def share_weight(self, other: Int8Weight) -> None:
         """Use another module's int8 rows and scales (the tied embedding / language-model head)."""
-        self.qweight, self.scales, self.group_size = other.qweight, other.scales, other.group_size
+        self.set_weight(other.qweight, other.scales)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.qweight, self.scales, dtype)
@@ -183,20 +203,20 @@ class Int8Linear(Int8Weight):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 group_size: int = GROUP_SIZE) -> None:
+                 group_size: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_weight(out_features, in_features, device, group_size)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
     @classmethod
-    def like(cls, linear: nn.Linear, group_size: int = GROUP_SIZE) -> Int8Linear:
+    def like(cls, linear: nn.Linear, group_size: int | None = None) -> Int8Linear:
         return cls(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device,
                    linear.weight.dtype, group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        out = int8_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales).float()
+        out = int8_matmul(x.reshape(-1, self.in_features), self.qweight, self.scales, self._slabs).float()
         if self.bias is not None:
             out += self.bias
         return out.to(x.dtype).view(*lead, self.out_features)
@@ -211,14 +231,14 @@ class Int8Embedding(Int8Weight):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 group_size: int = GROUP_SIZE) -> None:
+                 group_size: int | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.out_dtype = dtype
         self._init_weight(num_embeddings, embedding_dim, device, group_size)
 
     @classmethod
-    def like(cls, embedding: nn.Embedding, group_size: int = GROUP_SIZE) -> Int8Embedding:
+    def like(cls, embedding: nn.Embedding, group_size: int | None = None) -> Int8Embedding:
         return cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx,
                    embedding.weight.device, embedding.weight.dtype, group_size)
 
@@ -231,7 +251,27 @@ class Int8Embedding(Int8Weight):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8, group_size={self.group_size}"
 
 
-def quantize_modules(model: nn.Module, group_size: int = GROUP_SIZE) -> nn.Module:
+def fuse_linears(layers: list[Int8Linear]) -> Int8Linear:
+    """One int8 layer computing the given ones' outputs side by side (same input width, same groups).
+
+    The given layers become views of the fused weights, so fusing costs no memory.
+    """
+    fused = Int8Linear(layers[0].in_features, sum(m.out_features for m in layers), layers[0].bias is not None,
+                       layers[0].qweight.device, group_size=layers[0].group_size)
+    fused.set_weight(torch.cat([m.qweight for m in layers], dim=1), torch.cat([m.scales for m in layers], dim=1))
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+    start = 0
+    for m in layers:
+        stop = start + m.out_features
+        m.set_weight(fused.qweight[:, start:stop], fused.scales[:, start:stop])
+        if m.bias is not None:
+            m.bias = nn.Parameter(fused.bias[start:stop], requires_grad=False)
+        start = stop
+    return fused
+
+
+def quantize_modules(model: nn.Module, group_size: int | None = None) -> nn.Module:
     """Swap every `nn.Linear` and the token embedding of a (meta-device) model for int8 twins, in place.
 
     Done before loading, so the loader quantizes each checkpoint tensor as it reads it. Norms, biases, the

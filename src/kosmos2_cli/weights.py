@@ -136,7 +136,7 @@ def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
     # Kept in the model's dtype, as the reference's buffer is once the model is cast.
     text.embed_positions = sinusoidal_table(
         config.max_position_embeddings + 2, config.embed_dim, config.pad_token_id
-    ).to(device=device, dtype=text.embed_tokens.weight.dtype)
+    ).to(device=device, dtype=text.layer_norm.weight.dtype)
 
 
 def save_weights(model: nn.Module, folder: Path) -> None:
