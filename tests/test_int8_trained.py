@@ -1,0 +1,32 @@
+"""int8 gives the same text and boxes as float32 on the checkpoint the reference trained (trained.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kosmos2_cli import Kosmos2ForConditionalGeneration, quant
+
+trained = pytest.importorskip("trained")
+pytestmark = pytest.mark.needs_shared
+
+
+@pytest.fixture(scope="module")
+def int8_model(trained_dir):
+    model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device="cpu", dtype="int8")
+    assert quant.is_quantized(model)
+    return model
+
+
+@pytest.mark.parametrize("lesson", trained.LESSONS, ids=lambda lesson: lesson.key)
+def test_int8_answers_every_lesson_exactly(int8_model, lesson):
+    from oracle import reference_processor
+
+    processor = reference_processor()
+    want = trained.expected(lesson)
+    with torch.no_grad():
+        ids = int8_model.generate(**trained.prompt_inputs(lesson), max_new_tokens=trained.MAX_NEW_TOKENS)
+    assert ids[0].tolist() == want.ids
+    decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
+    assert processor.post_process_generation(decoded, cleanup_and_extract=False) == want.raw
+    assert processor.post_process_generation(decoded) == (want.caption, want.entities)  # text and boxes
