@@ -72,3 +72,12 @@ def median_time(fn, repeat: int, sync=None) -> float:
 def dump(path: Path | None, data: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(data, indent=2))
+
+
+def synthetic_image(seed: int = 0, size=(640, 480)):
+    """The benchmarks' picture: seeded noise (the weights are random, so content does not matter)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))

@@ -73,8 +73,8 @@ class KVCache:
     def update(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's keys and values at each row's slots; return the slots attention reads."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
-        self.keys[layer][rows, :, slots] = k.transpose(1, 2)
-        self.values[layer][rows, :, slots] = v.transpose(1, 2)
+        self.keys[layer][rows, :, slots] = k.transpose(1, 2).to(self.keys[layer].dtype)
+        self.values[layer][rows, :, slots] = v.transpose(1, 2).to(self.values[layer].dtype)
         seen = self.window if self.static else self.length
         return self.keys[layer][:, :, :seen], self.values[layer][:, :, :seen]
 

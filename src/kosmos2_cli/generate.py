@@ -58,7 +58,7 @@ class Decoder:
 
     def __init__(self, model, batch: int, capacity: int, device: torch.device, graphs: bool) -> None:
         self.model = model
-        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, device, model.dtype)
+        self.cache = KVCache.for_model(model.config.text_config, batch, capacity, device, model.cache_dtype)
         self.graphs = graphs
         self.static = graphs  # fixed-shape attention (what a graph needs); tests force it on the CPU
         self.filled = 0  # slots used by the longest row
@@ -74,7 +74,7 @@ class Decoder:
         capacity = -(-needed // WINDOW) * WINDOW
         graphs = device.type == "cuda"
         decoders: dict = model.__dict__.setdefault("_decoders", {})
-        key = (batch, capacity, device, model.dtype, graphs)
+        key = (batch, capacity, device, model.cache_dtype, graphs)
         if key not in decoders:
             while len(decoders) >= 2:  # each holds a KV cache: keep the two most recent shapes
                 decoders.pop(next(iter(decoders)))

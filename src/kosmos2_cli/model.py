@@ -157,6 +157,9 @@ class Attention(nn.Module):
             v = self._split(self.v_proj(source))
         if cache is not None:
             k, v = cache.update(layer, slots, k, v)
+        activations = q.dtype
+        if k.dtype != activations:  # a cache kept narrower than the activations (int8 models): attend in its dtype
+            q = q.to(k.dtype)
         if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
             from kosmos2_cli.kernels import decode_attention
 
@@ -165,7 +168,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        out = out.transpose(1, 2).flatten(2)
+        out = out.to(activations).transpose(1, 2).flatten(2)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
         return self.out_proj(out)
@@ -468,11 +471,19 @@ class Kosmos2PreTrainedModel(nn.Module):
                 from kosmos2_cli.quant import quantize_modules
 
                 quantize_modules(model)  # int8 weights, quantized as they are read; the rest in float32
+        if quantized:
+            from kosmos2_cli.quant import allocate
+
+            allocate(model, target)  # one block for all int8 weights, q/k/v side by side
         load_weights(model, folder, device=target, dtype=torch.float32 if quantized else target_dtype)
         if quantized:
             for module in model.modules():
                 if isinstance(module, Attention):
                     module.fuse_qkv()  # one int8 layer for q/k/v: fewer, larger kernel calls per step
+            model.cache_dtype = torch.bfloat16
+            from kosmos2_cli.quant import free_scratch
+
+            free_scratch("quantize")
         return model.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
@@ -484,6 +495,17 @@ class Kosmos2PreTrainedModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.text_model.model.layer_norm.weight.device
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The key/value cache's dtype: the activations' unless set (int8 models keep a bf16 cache: half the
+        memory, and bf16 keys and values change the logits far less than the int8 weights do)."""
+        return self.__dict__.get("_cache_dtype") or self.dtype
+
+    @cache_dtype.setter
+    def cache_dtype(self, dtype: torch.dtype | None) -> None:
+        self.__dict__["_cache_dtype"] = dtype
+        self.__dict__.pop("_decoders", None)  # decoders hold caches of the old dtype
 
     @property
     def dtype(self) -> torch.dtype:
@@ -518,7 +540,7 @@ class Kosmos2PreTrainedModel(nn.Module):
         batch, length = reference.shape[:2]
         cache = past_key_values
         if cache is None and use_cache:
-            cache = KVCache.for_model(self.config.text_config, batch, length, reference.device, self.dtype)
+            cache = KVCache.for_model(self.config.text_config, batch, length, reference.device, self.cache_dtype)
         if cache is not None and cache.length > 0:
             image_embeds = None  # already in the cache
         valid = real_tokens(input_ids, attention_mask, (batch, length), reference.device, text.padding_idx)

@@ -77,20 +77,31 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device | st
     return buf[:numel]
 
 
-def quantize(weight: Tensor, group_size: int | None = None, release: Release | None = None) -> tuple[Tensor, Tensor]:
+def free_scratch(name: str) -> None:
+    """Drop this thread's scratch block `name` (the loader's, once the model is in)."""
+    getattr(_scratch, "buffers", {}).pop(next((k for k in getattr(_scratch, "buffers", {}) if k[0] == name), None),
+                                        None)
+
+
+def quantize(weight: Tensor, group_size: int | None = None, release: Release | None = None,
+             out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(out, in) float weight -> qweight (groups, out, group) int8 and scales (groups, out) bf16.
 
     Works a block of rows at a time through one reused float scratch block (no full-size float temporary);
     `release(block)` is called on each finished block of the source, so a memory-mapped checkpoint's pages are
-    handed back while loading.
+    handed back while loading. `out`: (qweight, scales) to write into (views of a preallocated block).
     """
     rows, cols = weight.shape
     size = group_size_for(cols) if group_size is None else group_size
     if cols % size:
         raise ValueError(f"group size {size} does not divide the width {cols}")
     groups = cols // size
-    q = torch.empty((groups, rows, size), dtype=torch.int8, device=weight.device)
-    scales = torch.empty((groups, rows), dtype=torch.bfloat16, device=weight.device)
+    if out is None:
+        out = (torch.empty((groups, rows, size), dtype=torch.int8, device=weight.device),
+               torch.empty((groups, rows), dtype=torch.bfloat16, device=weight.device))
+    q, scales = out
+    if q.shape != (groups, rows, size) or scales.shape != (groups, rows):
+        raise ValueError(f"int8 storage of shape {list(q.shape)} for a weight of {list(weight.shape)}")
     step = max(1, QUANT_BLOCK // cols)
     scratch = _buffer("quantize", min(step, rows) * cols, torch.float32, weight.device)
     for start in range(0, rows, step):
@@ -132,11 +143,16 @@ def dequant_matmul(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     in_features = groups * size
     out = x.new_empty((x.shape[0], out_features))
     step = max(1, DEQUANT_BLOCK // in_features)
-    block = _buffer("dequantize", min(step, out_features) * in_features, COMPUTE_DTYPE, x.device)
+    rows = min(step, out_features)
+    block = _buffer("dequantize", rows * in_features, COMPUTE_DTYPE, x.device)
+    wide = _buffer("dequantize-fp32", rows * in_features, torch.float32, x.device)
     for start in range(0, out_features, step):
         stop = min(start + step, out_features)
-        weights = block[: (stop - start) * in_features].view(stop - start, groups, size)
-        torch.mul(qweight[:, start:stop].transpose(0, 1), scales[:, start:stop].t()[:, :, None], out=weights)
+        shape = (stop - start, groups, size)
+        # int8 -> fp32, scale, -> bf16: three cache-resident passes, ~20% faster than one mixed-dtype multiply.
+        staged = wide[: (stop - start) * in_features].view(shape)
+        staged.copy_(qweight[:, start:stop].transpose(0, 1)).mul_(scales[:, start:stop].t()[:, :, None])
+        weights = block[: (stop - start) * in_features].view(shape).copy_(staged)
         torch.mm(x, weights.view(stop - start, in_features).t(), out=out[:, start:stop])
     return out
 
@@ -177,7 +193,8 @@ class Int8Weight(nn.Module):
     def take_weight(self, source: Tensor, release: Release | None = None) -> None:
         if tuple(source.shape) != self.weight_shape:
             raise ValueError(f"weight of shape {list(source.shape)} for an int8 layer of {list(self.weight_shape)}")
-        self.set_weight(*quantize(source, self.group_size, release))
+        placed = not self.qweight.is_meta and self.qweight.device == source.device
+        self.set_weight(*quantize(source, self.group_size, release, (self.qweight, self.scales) if placed else None))
 
     def set_weight(self, qweight: Tensor, scales: Tensor) -> None:
         self.qweight, self.scales = qweight, scales
@@ -251,14 +268,34 @@ class Int8Embedding(Int8Weight):
         return f"{self.num_embeddings}, {self.embedding_dim}, int8, group_size={self.group_size}"
 
 
+def _side_by_side(tensors: list[Tensor]) -> Tensor | None:
+    """The one tensor whose dim-1 slices the given views are, in order, if they are exactly that; else None."""
+    first = tensors[0]
+    total = sum(t.shape[1] for t in tensors)
+    if first.stride(0) != total * first.stride(1) or any(t.stride() != first.stride() for t in tensors):
+        return None
+    offset = first.storage_offset()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != offset:
+            return None
+        offset += t.shape[1] * t.stride(1)
+    return first.as_strided((first.shape[0], total, *first.shape[2:]), first.stride(), first.storage_offset())
+
+
 def fuse_linears(layers: list[Int8Linear]) -> Int8Linear:
     """One int8 layer computing the given ones' outputs side by side (same input width, same groups).
 
-    The given layers become views of the fused weights, so fusing costs no memory.
+    The given layers become views of the fused weights, so fusing costs no memory; laid out side by side
+    already (`allocate`), it copies nothing either.
     """
     fused = Int8Linear(layers[0].in_features, sum(m.out_features for m in layers), layers[0].bias is not None,
-                       layers[0].qweight.device, group_size=layers[0].group_size)
-    fused.set_weight(torch.cat([m.qweight for m in layers], dim=1), torch.cat([m.scales for m in layers], dim=1))
+                       "meta", group_size=layers[0].group_size)
+    qweight = _side_by_side([m.qweight for m in layers])
+    scales = _side_by_side([m.scales for m in layers])
+    if qweight is None or scales is None:
+        qweight = torch.cat([m.qweight for m in layers], dim=1)
+        scales = torch.cat([m.scales for m in layers], dim=1)
+    fused.set_weight(qweight, scales)
     if fused.bias is not None:
         fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
     start = 0
@@ -269,6 +306,58 @@ def fuse_linears(layers: list[Int8Linear]) -> Int8Linear:
             m.bias = nn.Parameter(fused.bias[start:stop], requires_grad=False)
         start = stop
     return fused
+
+
+def _fusable(module: nn.Module) -> list[Int8Linear] | None:
+    """q/k/v of an attention module, when they can be one layer (same shapes)."""
+    layers = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if all(isinstance(m, Int8Linear) for m in layers) and len({m.weight_shape for m in layers}) == 1:
+        return layers
+    return None
+
+
+def allocate(model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Place every int8 layer of a (meta-device) model in one block of int8 memory and one of scales.
+
+    One allocation instead of hundreds: the heap does not fragment while loading (measured: ~200 MB held by
+    glibc's heap otherwise), and q/k/v of an attention lie side by side, so fusing them copies nothing.
+    """
+    plan: list[list[Int8Weight]] = []
+    seen: set[int] = set()
+    for module in model.modules():
+        group = _fusable(module)
+        if group and not any(id(m) in seen for m in group):
+            plan.append(group)
+            seen.update(id(m) for m in group)
+    for module in model.modules():
+        if isinstance(module, Int8Weight) and id(module) not in seen and module.qweight.is_meta:
+            if not any(module.qweight is other[0].qweight for other in plan):  # tied: filled through its twin
+                plan.append([module])
+            seen.add(id(module))
+
+    def sizes(group: list[Int8Weight]) -> tuple[int, int, int, int]:
+        groups, _, size = group[0].qweight.shape
+        rows = sum(m.qweight.shape[1] for m in group)
+        return groups, rows, size, -(-groups * rows * size // 64) * 64
+
+    q_total = sum(sizes(group)[3] for group in plan)
+    s_total = sum(-(-sizes(group)[0] * sizes(group)[1] // 32) * 32 for group in plan)
+    q_block = torch.empty(q_total, dtype=torch.int8, device=device)
+    s_block = torch.empty(s_total, dtype=torch.bfloat16, device=device)
+    q_at = s_at = 0
+    for group in plan:
+        groups, rows, size, q_bytes = sizes(group)
+        region = q_block[q_at : q_at + groups * rows * size].view(groups, rows, size)
+        scales = s_block[s_at : s_at + groups * rows].view(groups, rows)
+        q_at += q_bytes
+        s_at += -(-groups * rows // 32) * 32
+        start = 0
+        for m in group:
+            stop = start + m.qweight.shape[1]
+            m.set_weight(region[:, start:stop], scales[:, start:stop])
+            start = stop
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def quantize_modules(model: nn.Module, group_size: int | None = None) -> nn.Module:
