@@ -90,6 +90,16 @@ def test_folder_with_good_and_bad_images(model, mixed, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_task_defaults_to_caption(model, tmp_path):
+    folder = tmp_path / "photos"
+    save(photo(), folder / "one.png")
+    out = tmp_path / "captions.jsonl"
+    result = batch(model, folder, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    [record] = lines(out)
+    assert record["task"] == "caption" and record["prompt"] == "<grounding> An image of"
+
+
 def test_rerun_resumes_and_other_tasks_do_not_skip(model, mixed, tmp_path):
     out = tmp_path / "out.jsonl"
     batch(model, mixed, "-o", out, "-t", "caption")
