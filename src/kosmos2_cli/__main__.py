@@ -1,3 +1,3 @@
-from kosmos2_cli.cli import main
+from kosmos2_cli.cli import app
 
-main()
+app(prog_name="kosmos2")

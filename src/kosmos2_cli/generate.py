@@ -62,6 +62,7 @@ class Decoder:
         self.graphs = graphs
         self.static = graphs  # fixed-shape attention (what a graph needs); tests force it on the CPU
         self.filled = 0  # slots used by the longest row
+        self.unpadded = False  # the current prompts have no padding: plain causal attention in prefill
         if graphs:
             model.text_model.model.ensure_positions(capacity + 2)
             self._step = Graphed(self._step_logits, self.cache.state, self.cache.set_state)
@@ -82,12 +83,14 @@ class Decoder:
         return decoders[key]
 
     def prefill(self, input_ids: Tensor, valid: Tensor, image_embeds: Tensor | None,
-                image_mask: Tensor | None) -> Tensor:
+                image_mask: Tensor | None, unpadded: bool = False) -> Tensor:
+        """The prompts' logits at their last token; `unpadded` (no padding anywhere) allows plain causal attention."""
         self.cache.reset()
         self.cache.static = False  # the prompt attends over its own length only
+        self.unpadded = unpadded
         small = input_ids.shape[0] <= GRAPHED_PREFILL_BATCH
         if self.graphs and small and image_embeds is not None and image_mask is not None:
-            logits = self._prefill(input_ids, valid, image_embeds, image_mask)
+            logits = self._prefill(input_ids, valid, image_embeds, image_mask, key=(unpadded,))
             self.cache.length = input_ids.shape[1]
         else:
             logits = self._prefill_logits(input_ids, valid, image_embeds, image_mask)
@@ -107,14 +110,14 @@ class Decoder:
 
     def _prefill_logits(self, ids: Tensor, valid: Tensor, image_embeds, image_mask) -> Tensor:
         self.cache.reset()
-        return self._logits(ids, valid, image_embeds, image_mask)
+        return self._logits(ids, valid, image_embeds, image_mask, self.unpadded)
 
     def _step_logits(self, tokens: Tensor) -> Tensor:
         return self._logits(tokens[:, None], None, None, None)
 
-    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask) -> Tensor:
+    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask, unpadded: bool = False) -> Tensor:
         hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
-                                              None)
+                                              None, unpadded)
         return self.model.logits(hidden[:, -1]).float()
 
     def reorder(self, rows: Tensor) -> None:
@@ -189,6 +192,7 @@ def generate(
     if image_embeds is not None and image_mask is None:
         raise ValueError("image_embeds_position_mask is needed to place the image in the prompt")
 
+    unpadded = bool(aligned_valid.all())  # one read-back per call: lets the prompt use plain causal attention
     stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
     no_eos = _EosBlocker(torch.tensor(eos, device=device), min_new_tokens)
     if num_beams > 1:
@@ -197,7 +201,7 @@ def generate(
                            top_k, top_p, generator, no_eos)
     else:
         decoder = Decoder.for_model(model, batch, prompt_len + max_new_tokens, device)
-        logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask)
+        logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask, unpadded)
         new = _sample(decoder, logits, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
                       no_eos)
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
@@ -256,7 +260,8 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
         return None if t is None else t.repeat_interleave(beams, dim=0)
 
     decoder = Decoder.for_model(model, batch * beams, max_len, device)
-    logits = decoder.prefill(expand(input_ids), expand(valid), expand(image_embeds), expand(image_mask))
+    logits = decoder.prefill(expand(input_ids), expand(valid), expand(image_embeds), expand(image_mask),
+                             bool(valid.all()))
     running = torch.full((batch, beams, max_len), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None]
     running_scores = torch.zeros(batch, beams, device=device)

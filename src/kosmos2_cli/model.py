@@ -142,6 +142,10 @@ class Kosmos2CausalLMOutput(_MultimodalOutput):
     image_outputs: Kosmos2VisionOutput | None = None
 
 
+# Passed as an attention mask: plain causal attention, for prompts without padding (SDPA's flash kernel).
+CAUSAL = object()
+
+
 class Attention(nn.Module):
     """Multi-head attention; the decoder's adds a LayerNorm on the heads' output (sub-LN) before `out_proj`."""
 
@@ -200,7 +204,9 @@ class Attention(nn.Module):
             out = decode_attention(q, k, v, cache.visible_valid(), cache.next_slot, self.scale)
         else:
             drop = self.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, scale=self.scale)
+            causal = mask is CAUSAL
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, dropout_p=drop,
+                                                 is_causal=causal, scale=self.scale)
         out = out.transpose(1, 2).flatten(2)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
@@ -589,7 +595,9 @@ class Kosmos2PreTrainedModel(nn.Module):
         position_ids: Tensor | None,
         use_cache: bool,
         hidden_states: list | None,
+        unpadded: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
+        """Decoder hidden states; `unpadded` promises no padding in a fresh prompt (plain causal attention)."""
         text = self.text_model.model
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
@@ -603,12 +611,14 @@ class Kosmos2PreTrainedModel(nn.Module):
         if positions is None:
             positions = positions_for(valid, cache.real_tokens if cache is not None else None, text.padding_idx)
         x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds)
+        fresh = cache is None or cache.length == 0
         if cache is not None:
             slots = cache.append(valid)
-            mask = attention_mask_for(cache.visible_valid(), slots)
+            mask = CAUSAL if unpadded and fresh else attention_mask_for(cache.visible_valid(), slots)
         else:
             slots = None
-            mask = attention_mask_for(valid, torch.arange(length, device=x.device).expand(batch, length))
+            mask = CAUSAL if unpadded else attention_mask_for(valid, torch.arange(length, device=x.device).expand(
+                batch, length))
         return text(x, mask, cache, slots, hidden_states), cache
 
     def _prepare(

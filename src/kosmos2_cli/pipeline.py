@@ -141,20 +141,28 @@ class Kosmos2:
             if picked:
                 decoded = self._decode([jobs[i] for i in picked], [im for _, im in images], image_embeds, opts,
                                        grounding)
-                for i, text in zip(picked, decoded, strict=True):
+                for i, (text, prompt_text) in zip(picked, decoded, strict=True):
                     name, image = images[jobs[i].image_index]
-                    results[i] = self._result(jobs[i], name, image, text)
+                    results[i] = self._result(jobs[i], name, image, text, prompt_text)
         return [results[i] for i in range(len(jobs))]
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pixel values, one row per image: CPU work that needs no model, so callers may run it on threads."""
+        return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image embeddings for the decoder from `preprocess`'s pixel values, one row per image."""
+        from kosmos2_cli.generate import encode_images
+
+        return encode_images(self.model, pixel_values.to(self.model.device))
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image embeddings for the decoder, one row per image."""
-        from kosmos2_cli.generate import encode_images
-
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return encode_images(self.model, pixels.to(self.model.device))
+        return self.encode_pixels(self.preprocess(images))
 
     def _decode(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
-                opts: GenerationOptions, grounding: bool) -> list[str]:
+                opts: GenerationOptions, grounding: bool) -> list[tuple[str, str]]:
+        """(decoded prompt + answer, decoded prompt) per job."""
         batch = self.processor(
             text=[job.prompt for job in jobs], images=[images[job.image_index] for job in jobs], pixels=False,
             num_image_tokens=self.model.config.latent_query_num, return_tensors="pt",
@@ -166,7 +174,10 @@ class Kosmos2:
             image_embeds=image_embeds.index_select(0, rows),
             image_embeds_position_mask=batch["image_embeds_position_mask"], stop_token_ids=stop, **opts.kwargs(),
         )
-        return self.processor.batch_decode(generated, skip_special_tokens=True)
+        full = self.processor.batch_decode(generated, skip_special_tokens=True)
+        # The prompt as the tokenizer gives it back (normalized like the answer), to cut it off the text exactly.
+        asked = self.processor.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        return list(zip(full, asked, strict=True))
 
     def _with_refer_prompt(self, job: Job, image: Image.Image) -> Job:
         if job.task != "refer" or job.prompt:
@@ -177,7 +188,7 @@ class Kosmos2:
                  "cells": list(cells)}
         return Job(job.image_index, "refer", prompts.refer_prompt(cells), extra)
 
-    def _result(self, job: Job, name: str, image: Image.Image, decoded: str) -> Result:
+    def _result(self, job: Job, name: str, image: Image.Image, decoded: str, decoded_prompt: str = "") -> Result:
         raw = self.processor.post_process_generation(decoded, cleanup_and_extract=False)
         text, found = self.processor.post_process_generation(decoded)
         width, height = image.size
@@ -185,8 +196,7 @@ class Kosmos2:
         if job.task == "ground":
             return self._ground_result(job, name, image, raw)
         if job.task in ("ask", "refer"):
-            prefix, _ = self.processor.post_process_generation(job.prompt)
-            prefix = prefix.strip()
+            prefix, _ = self.processor.post_process_generation(decoded_prompt or job.prompt)
         entities = []
         start = 0
         if prefix and text.startswith(prefix):
@@ -203,7 +213,8 @@ class Kosmos2:
 
         phrase = job.extra["phrase"]
         after = raw.split("</phrase>", 1)[-1]  # what the model wrote after the phrase
-        placed = re.search(r"<object>(.*?)</object>", after)
+        # Placed means an <object> right after the phrase; text first means the model went on to something else.
+        placed = re.match(r"\s*<object>(.*?)</object>", after)
         cells = re.findall(r"<patch_index_(\d+)><patch_index_(\d+)>", placed.group(1)) if placed else []
         boxes = [patch_index_to_coordinate(int(a), int(b), prompts.GRID) for a, b in cells]
         width, height = image.size

@@ -1,0 +1,168 @@
+"""`kosmos2 batch`: one task over many images into a JSON-lines file that survives interruption (DESIGN §6).
+
+Every finished image is one line, written whole at once. A rerun of the same command skips the images whose
+records are in the file (same path as given, task and task arguments), so an interrupted run is completed by
+running it again; an image's error record counts as done unless --retry-failed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kosmos2_cli.errors import CliError, ExitCode
+from kosmos2_cli.options import Settings
+from kosmos2_cli.render import Reporter
+from kosmos2_cli.results import Failure
+from kosmos2_cli.tasks import TaskSpec, record_key, spec_key
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a batch the way Ctrl-C does."""
+
+
+@dataclass
+class Summary:
+    output: str
+    images: int = 0  # all images named by the inputs
+    done_before: int = 0  # already in the file when the run started
+    failed_before: int = 0  # ... of which error records
+    processed: int = 0  # written by this run
+    failed: int = 0  # ... of which error records
+    drawings_failed: int = 0
+    seconds: float = 0.0
+    interrupted: str | None = None  # "SIGINT" or "SIGTERM"
+
+    @property
+    def remaining(self) -> int:
+        return self.images - self.done_before - self.processed
+
+
+def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, *, overwrite: bool = False,
+              retry_failed: bool = False) -> ExitCode:
+    """Run `spec` over every image of `inputs`, appending one record per image to `output`."""
+    from kosmos2_cli.jsonl import OutputFileError, ResultsFile
+    from kosmos2_cli.run import expand
+
+    reporter = Reporter(json_mode=False, quiet=settings.quiet)
+    for warning in settings.check():
+        reporter.warning(warning)
+    names = expand(inputs, exclude=settings.annotate_dir)
+    keys = {name: spec_key(spec, name) for name in names}
+    wanted = set(keys.values())
+    summary = Summary(str(output), images=len(names))
+    try:
+        results = ResultsFile(output, record_key, overwrite=overwrite,
+                              retry_failed=(lambda record: record_key(record) in wanted) if retry_failed else None)
+    except OutputFileError as err:
+        raise CliError(str(err)) from err
+    with results:
+        if results.truncated:
+            reporter.note(f"{output}: cut off a partial last line left by an interrupted run")
+        if results.dropped:
+            reporter.note(f"{output}: removed {results.dropped} error record(s) to retry them")
+        todo = [name for name in names if keys[name] not in results.done]
+        summary.done_before = len(names) - len(todo)
+        summary.failed_before = sum(keys[name] in results.failed for name in names)
+        if summary.done_before and todo:
+            reporter.note(f"resuming: {summary.done_before} of {len(names)} images are already in {output}")
+        if todo:
+            _process(spec, todo, results, settings, reporter, summary)
+    return _finish(summary, settings, reporter)
+
+
+def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, reporter: Reporter,
+             summary: Summary) -> None:
+    from kosmos2_cli.engine import ModelLoadError
+    from kosmos2_cli.run import open_engine
+    from kosmos2_cli.runner import Runner
+
+    engine = open_engine(settings, reporter)
+    runner = Runner(engine, spec, settings.batch_size, settings.workers or None, notice=reporter.warning)
+    drawings: list[Future] = []
+    painter = ThreadPoolExecutor(2, thread_name_prefix="kosmos2-draw") if settings.annotate_dir else None
+    start = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt(), reporter.progress(len(todo), spec.describe()) as progress:
+            if progress is not None:
+                engine.on_load = lambda loading: progress.update(
+                progress.task_ids[0], description="loading the model" if loading else spec.describe())
+            for outcome, image in runner.run(todo):
+                if isinstance(outcome, Failure):
+                    results.write(spec.failure_record(outcome))
+                    summary.failed += 1
+                    reporter.error(outcome.error)
+                else:
+                    results.write(outcome.to_dict())
+                    if painter is not None:
+                        drawings.append(painter.submit(_draw, image, outcome, settings.annotate_dir))
+                summary.processed += 1
+                if progress is not None:
+                    progress.advance(progress.task_ids[0])
+    except ModelLoadError as err:
+        raise CliError(str(err), ExitCode.MODEL) from err
+    except KeyboardInterrupt as err:
+        summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+    finally:
+        summary.seconds = time.perf_counter() - start
+        if painter is not None:
+            painter.shutdown(wait=True)
+            for future in drawings:
+                if future.exception() is not None:
+                    summary.drawings_failed += 1
+                    reporter.error(str(future.exception()))
+
+
+def _draw(image, result, folder: Path) -> None:
+    from kosmos2_cli.draw import annotated_path, save_annotated
+
+    save_annotated(image, result, annotated_path(folder, result.image))
+
+
+def _finish(summary: Summary, settings: Settings, reporter: Reporter) -> ExitCode:
+    failed = summary.failed + summary.failed_before
+    if settings.json:
+        sys.stdout.write(json.dumps({**asdict(summary), "seconds": round(summary.seconds, 3)}) + "\n")
+    if summary.interrupted:
+        reporter.error(f"interrupted: {summary.done_before + summary.processed} of {summary.images} images are in "
+                       f"{summary.output} ({summary.remaining} to go); run the same command again to finish")
+        return ExitCode.TERMINATED if summary.interrupted == "SIGTERM" else ExitCode.INTERRUPTED
+    if summary.processed:
+        rate = summary.processed / summary.seconds if summary.seconds > 0 else 0.0
+        reporter.note(f"done: {summary.processed} image{'s' * (summary.processed != 1)} in {summary.seconds:.1f} s "
+                      f"({rate:.2f} images/s) → {summary.output}", style="green")
+    elif summary.images:
+        reporter.note(f"nothing to do: all {summary.images} images are already in {summary.output}")
+    if failed:
+        before = f" ({summary.failed_before} in earlier runs; --retry-failed retries them)" if (
+            summary.failed_before) else ""
+        reporter.error(f"{failed} of {summary.images} images failed{before}; their records have an \"error\" field: "
+                       f"jq 'select(.error)' {summary.output}")
+    if summary.drawings_failed:
+        reporter.error(f"{summary.drawings_failed} drawing(s) could not be written")
+    return ExitCode.FAILED if failed or summary.drawings_failed else ExitCode.OK
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While a batch runs, SIGTERM stops it like Ctrl-C: the lines written stay, the summary says how far it got."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,142 @@
+"""The narrow interface between the command line and the model: `prepare` one image, `infer` a batch.
+
+`prepare` (decode, orient, check, preprocess) is plain CPU work that runs on worker threads while the model
+runs; `infer` runs on the calling thread. A faster engine (another GPU back end) only has to provide these two
+methods; the runner, batching, resume and output do not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kosmos2_cli.results import Result
+from kosmos2_cli.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from kosmos2_cli.pipeline import GenerationOptions
+
+
+@dataclass
+class Prepared:
+    """One image ready for the model: its name (path as given), the upright picture and model inputs."""
+
+    name: str
+    image: Image.Image
+    inputs: Any
+
+
+class Engine(Protocol):
+    def prepare(self, name: str, spec: TaskSpec) -> Prepared:
+        """Load and preprocess one image; thread-safe. Raises ImageLoadError or PromptError for a bad image."""
+
+    def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
+        """One Result per prepared image, in order."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device out-of-memory error (CUDA's, or the 'out of memory' RuntimeError of other back ends)."""
+    return type(err).__name__ == "OutOfMemoryError" or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+
+
+class ModelLoadError(Exception):
+    """The model folder cannot be loaded; the message names the folder and what is wrong, on one line."""
+
+
+def check_model_folder(folder: Path) -> None:
+    """Raise ModelLoadError unless `folder` has the files of a Kosmos-2 checkpoint in the hub's layout."""
+    missing = [name for name in ("config.json", "sentencepiece.bpe.model") if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors")
+    if len(missing) == 3:
+        raise ModelLoadError(f"{folder}: not a model folder (no config.json, model.safetensors or "
+                             "sentencepiece.bpe.model: --model takes a folder in the hub's layout, or a repo id)")
+    if missing:
+        raise ModelLoadError(f"{folder}: incomplete model folder, missing {', '.join(missing)}")
+
+
+class PipelineEngine:
+    """The bundled PyTorch pipeline. The tokenizer and image settings load at once (workers need them); the
+    weights load on the first batch, so a run whose images all fail never pays for them."""
+
+    def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
+                 options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None) -> None:
+        from kosmos2_cli.processor import Kosmos2Processor
+
+        self.folder = Path(folder)
+        self.device = device
+        self.dtype = dtype
+        self.options = options
+        check_model_folder(self.folder)
+        with _loading(self.folder):
+            self.processor = Kosmos2Processor.from_pretrained(self.folder)
+        self._kosmos = None
+        self.on_load = on_load  # called with True before the weights load, False after
+
+    @property
+    def kosmos(self):
+        """The loaded pipeline (weights load on first use)."""
+        if self._kosmos is None:
+            from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+            from kosmos2_cli.pipeline import Kosmos2
+
+            if self.on_load:
+                self.on_load(True)
+            with _loading(self.folder):
+                model = Kosmos2ForConditionalGeneration.from_pretrained(self.folder, device=self.device,
+                                                                        dtype=self.dtype)
+            self._kosmos = Kosmos2(model, self.processor, self.options)
+            if self.on_load:
+                self.on_load(False)
+        return self._kosmos
+
+    def prepare(self, name: str, spec: TaskSpec) -> Prepared:
+        from kosmos2_cli.images import load_image
+
+        image = load_image(name)
+        spec.check_image(*image.size)
+        pixels = self.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        return Prepared(name, image, pixels)
+
+    def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
+        import torch
+
+        kosmos = self.kosmos
+        embeds = kosmos.encode_pixels(torch.cat([item.inputs for item in batch]))
+        jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
+        results = kosmos.run([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
+        per_image: list[list[Result]] = [[] for _ in batch]
+        for job, result in zip(jobs, results, strict=True):
+            per_image[job.image_index].append(result)
+        return [spec.record(rows) for rows in per_image]
+
+    def free_memory(self) -> None:
+        """After an out-of-memory error: give cached device memory back before retrying smaller."""
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@contextmanager
+def _loading(folder: Path) -> Iterator[None]:
+    """Loading errors (bad files, wrong tensors, no room on the device) as ModelLoadError: they are no image's
+    fault, so the runner must not treat them as a batch to split."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (ValueError, OSError, RuntimeError) as err:
+        if is_out_of_memory(err):
+            raise ModelLoadError(f"{folder}: the weights do not fit in the device's memory (try --dtype float16, "
+                                 "another --device, or free the GPU)") from err
+        message = " ".join(str(err).split())
+        raise ModelLoadError(message if str(folder) in message else f"{folder}: {message}") from err

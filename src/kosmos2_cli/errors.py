@@ -1,0 +1,24 @@
+"""Exit codes of the `kosmos2` command and the error that carries one up to it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILED = 1  # some images failed (each has its error line or record), or a drawing could not be written
+    USAGE = 2  # the command line is wrong: unknown option, bad value, empty phrase, malformed box, missing input
+    MODEL = 3  # the model cannot be found, downloaded or loaded (wrong folder, missing weights, offline)
+    INTERNAL = 4  # an unexpected error: a bug (rerun with --debug for the traceback)
+    INTERRUPTED = 130  # Ctrl-C (SIGINT); a batch stops cleanly, its output resumable
+    TERMINATED = 143  # SIGTERM, handled as Ctrl-C
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one `error:` line, then the process exits with `code`."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.USAGE, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint

@@ -1,0 +1,120 @@
+"""Running one task over many images: decoding on worker threads ahead of the model, batches on the device.
+
+Images are prepared (decoded, turned upright, checked, preprocessed) by a small thread pool, a bounded number
+ahead, while the model works on the current batch; Pillow, NumPy and OpenCV release the GIL for that work.
+Outcomes come back in input order, one per image: a Result, or a Failure saying why that image could not be
+used. A batch that runs out of device memory is split in halves and retried, and the smaller batch size is
+kept for the rest of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from kosmos2_cli.engine import Engine, Prepared, is_out_of_memory
+from kosmos2_cli.results import Failure, Result
+from kosmos2_cli.tasks import TaskSpec
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+Outcome = Result | Failure
+
+
+def default_workers() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+class Runner:
+    """One task over a stream of image names, `batch_size` images per model call."""
+
+    def __init__(self, engine: Engine, spec: TaskSpec, batch_size: int = 8, workers: int | None = None,
+                 prefetch: int | None = None, notice: Callable[[str], None] | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.engine = engine
+        self.spec = spec
+        self.batch_size = batch_size
+        self.workers = workers or default_workers()
+        self.prefetch = prefetch or 2 * batch_size + self.workers
+        self.notice = notice or (lambda message: None)
+
+    def run(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
+        """(outcome, upright image or None for a failure) in the order of `names`, as soon as its batch is done."""
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kosmos2-prepare")
+        pending: deque[Future] = deque()
+        upcoming = iter(names)
+
+        def refill() -> None:
+            while len(pending) < self.prefetch:
+                name = next(upcoming, None)
+                if name is None:
+                    return
+                pending.append(pool.submit(self._prepare, name))
+
+        try:
+            refill()
+            window: list[Prepared | Failure] = []
+            while pending:
+                window.append(pending.popleft().result())
+                refill()
+                ready = sum(isinstance(item, Prepared) for item in window)
+                if ready >= self.batch_size or not pending or ready == 0:
+                    yield from self._flush(window)
+                    window = []
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _prepare(self, name: str) -> Prepared | Failure:
+        from kosmos2_cli.images import ImageLoadError
+        from kosmos2_cli.prompts import PromptError
+
+        try:
+            return self.engine.prepare(name, self.spec)
+        except ImageLoadError as err:
+            return Failure(name, str(err), self.spec.task)
+        except PromptError as err:
+            return Failure(name, f"{name}: {err}", self.spec.task)
+        except Exception as err:  # a picture the preprocessing cannot take: its record says so, the run goes on
+            return Failure(name, f"{name}: cannot prepare the image ({type(err).__name__}: {err})", self.spec.task)
+
+    def _flush(self, window: list[Prepared | Failure]) -> Iterator[tuple[Outcome, Image.Image | None]]:
+        batch = [item for item in window if isinstance(item, Prepared)]
+        done = iter(self._infer(batch))
+        for item in window:
+            if isinstance(item, Failure):
+                yield item, None
+            else:
+                outcome = next(done)
+                yield outcome, (item.image if isinstance(outcome, Result) else None)
+
+    def _infer(self, batch: list[Prepared]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        start = 0
+        while start < len(batch):
+            size = min(self.batch_size, len(batch) - start)
+            chunk = batch[start : start + size]
+            try:
+                outcomes += self.engine.infer(chunk, self.spec)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                free = getattr(self.engine, "free_memory", None)
+                if free:
+                    free()
+                if size == 1:
+                    name = chunk[0].name
+                    outcomes.append(Failure(name, f"{name}: out of device memory even alone (try a lower "
+                                                  "--max-new-tokens, --num-beams 1 or --dtype float16)",
+                                            self.spec.task))
+                    start += 1
+                    continue
+                self.batch_size = max(1, size // 2)
+                self.notice(f"out of device memory with {size} images per batch; going on with {self.batch_size}")
+                continue
+            start += size
+        return outcomes

@@ -1,0 +1,118 @@
+"""The runner against a fake engine: order, failures in place, batches, out-of-memory halving, prefetch."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from kosmos2_cli.engine import Prepared
+from kosmos2_cli.images import ImageLoadError
+from kosmos2_cli.results import Failure, Result
+from kosmos2_cli.runner import Runner
+from kosmos2_cli.tasks import TaskSpec
+
+SPEC = TaskSpec.build("caption")
+
+
+class FakeEngine:
+    """Names starting with 'bad' fail to load; batches larger than `fits` run out of memory."""
+
+    def __init__(self, fits: int = 100, oom_always: set[str] = frozenset(), delay: float = 0.0) -> None:
+        self.fits = fits
+        self.oom_always = oom_always
+        self.delay = delay
+        self.batches: list[list[str]] = []
+        self.prepared: list[str] = []
+        self.threads: set[str] = set()
+        self.freed = 0
+
+    def prepare(self, name: str, spec: TaskSpec) -> Prepared:
+        self.threads.add(threading.current_thread().name)
+        self.prepared.append(name)
+        if name.startswith("bad"):
+            raise ImageLoadError(f"{name}: not an image file")
+        if name.startswith("crash"):
+            raise RuntimeError("weird pixels")
+        time.sleep(self.delay)
+        return Prepared(name, None, None)
+
+    def infer(self, batch, spec):
+        names = [item.name for item in batch]
+        if len(batch) > self.fits or self.oom_always & set(names):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.batches.append(names)
+        return [Result(n, 1, 1, spec.task, "", n.upper(), [], "") for n in names]
+
+    def free_memory(self):
+        self.freed += 1
+
+
+def _run(engine, names, **kwargs):
+    notices = []
+    runner = Runner(engine, SPEC, notice=notices.append, **kwargs)
+    outcomes = [outcome for outcome, _ in runner.run(names)]
+    return outcomes, notices, runner
+
+
+def test_outcomes_in_input_order_with_failures_in_place():
+    names = ["a", "bad1", "b", "c", "crash", "d", "bad2"]
+    outcomes, _, _ = _run(FakeEngine(), names, batch_size=2, workers=3)
+    assert [o.image for o in outcomes] == names
+    kinds = ["F" if isinstance(o, Failure) else "R" for o in outcomes]
+    assert kinds == ["R", "F", "R", "R", "F", "R", "F"]
+    assert outcomes[1].error == "bad1: not an image file"
+    assert outcomes[4].error == "crash: cannot prepare the image (RuntimeError: weird pixels)"
+
+
+def test_batches_have_batch_size_images():
+    engine = FakeEngine()
+    _run(engine, [f"i{n}" for n in range(7)], batch_size=3, workers=2)
+    assert [len(b) for b in engine.batches] == [3, 3, 1]
+
+
+def test_preparation_runs_on_worker_threads():
+    engine = FakeEngine()
+    _run(engine, [f"i{n}" for n in range(6)], batch_size=2, workers=2)
+    assert engine.threads and all(name.startswith("kosmos2-prepare") for name in engine.threads)
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on():
+    engine = FakeEngine(fits=2)
+    outcomes, notices, runner = _run(engine, [f"i{n}" for n in range(9)], batch_size=8, workers=2)
+    assert [o.text for o in outcomes] == [f"I{n}" for n in range(9)]
+    assert runner.batch_size == 2
+    assert all(len(b) <= 2 for b in engine.batches)
+    assert notices == ["out of device memory with 8 images per batch; going on with 4",
+                       "out of device memory with 4 images per batch; going on with 2"]
+    assert engine.freed == 2
+
+
+def test_an_image_that_does_not_fit_alone_fails_alone():
+    engine = FakeEngine(oom_always={"huge"})
+    outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
+    assert [type(o).__name__ for o in outcomes] == ["Result", "Failure", "Result"]
+    assert "out of device memory even alone" in outcomes[1].error
+    assert runner.batch_size == 1
+
+
+def test_other_errors_are_not_swallowed():
+    class Broken(FakeEngine):
+        def infer(self, batch, spec):
+            raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        _run(Broken(), ["a"], batch_size=1)
+
+
+def test_prefetch_is_bounded():
+    """A slow consumer does not make the workers decode the whole input ahead."""
+    engine = FakeEngine()
+    runner = Runner(engine, SPEC, batch_size=2, workers=2, prefetch=4)
+    stream = runner.run([f"i{n}" for n in range(50)])
+    next(stream)
+    time.sleep(0.2)
+    assert len(engine.prepared) <= 2 + 4 + 2
+    stream.close()
