@@ -7,10 +7,24 @@ import it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+def _find_shared() -> Path:
+    """`shared/` beside the project root, or beside one of its ancestors (a git worktree under a sub-folder);
+    `KOSMOS2_CLI_SHARED` overrides."""
+    if os.environ.get("KOSMOS2_CLI_SHARED"):
+        return Path(os.environ["KOSMOS2_CLI_SHARED"])
+    root = Path(__file__).resolve().parents[1]
+    for parent in root.parents:
+        if (parent / "shared" / "fixtures").is_dir():
+            return parent / "shared"
+    return root.parent / "shared"
+
+
+SHARED = _find_shared()
 FIXTURES = SHARED / "fixtures"
 SP_MODEL = FIXTURES / "kosmos2" / "sentencepiece.bpe.model"
 IMAGES = FIXTURES / "images"
