@@ -64,13 +64,20 @@ def test_expected_answers_round_trip_through_the_reference_tokenizer(shared_fixt
 
 
 def test_refer_boxes_give_the_prompts_cells(shared_fixtures):
-    """`processor(bboxes=[lesson.box])` writes the same prompt as the lesson's (the CLI's `--box` path)."""
+    """`processor(bboxes=[lesson.box])` writes the same prompt as the lesson's (the CLI's `--box` path), and so
+    does the pixel box `lesson.box_px(...)` divided by the image size."""
     from oracle import reference_processor
+    from PIL import Image
 
     processor = reference_processor()
     for lesson in (lesson for lesson in LESSONS if lesson.task == "refer"):
-        ours = processor(text="<grounding><phrase> It</phrase> is", bboxes=[lesson.box])["input_ids"]
-        assert ours == processor(text=lesson.prompt)["input_ids"]
+        want = processor(text=lesson.prompt)["input_ids"]
+        assert processor(text="<grounding><phrase> It</phrase> is", bboxes=[lesson.box])["input_ids"] == want
+        with Image.open(lesson.path) as im:
+            width, height = im.size
+        x1, y1, x2, y2 = lesson.box_px(width, height)
+        box = (x1 / width, y1 / height, x2 / width, y2 / height)
+        assert processor(text="<grounding><phrase> It</phrase> is", bboxes=[box])["input_ids"] == want
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -99,6 +99,14 @@ class Lesson:
         """refer: the normalized box of the prompt (cell centres; see `cell_box`)."""
         return None if self.cells is None else cell_box(*self.cells)
 
+    def box_px(self, width: int, height: int) -> tuple[int, int, int, int] | None:
+        """refer: the prompt's box in whole pixels of a `width` x `height` image (what `kosmos2 refer --box`
+        takes); divided by the size again, it falls in the same two cells."""
+        if self.box is None:
+            return None
+        x1, y1, x2, y2 = self.box
+        return round(x1 * width), round(y1 * height), round(x2 * width), round(y2 * height)
+
     @property
     def found(self) -> bool:
         """ground: whether the model places the phrase (writes an `<object>` right after it)."""
@@ -231,11 +239,12 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_att
 LATENT_QUERY_NUM = 64  # as released: a processor's default of 64 image tokens fits the checkpoint
 SEED = 0
 LR = 1e-2  # Adam; 2e-2 stalls, 5e-3 takes half as many steps again
+BETAS = (0.9, 0.999)
 CLIP = 1.0  # gradient norm
 MAX_STEPS = 1000  # it passes at about 200
 MARGIN = 3.0  # smallest top-1 minus top-2 logit at any answer step, under the reference's greedy generate
 MAX_NEW_TOKENS = 64  # > the longest answer (47 tokens with EOS)
-THREADS = 2
+THREADS = 1  # see TRAINED.md: two threads on a busy two-core machine are many times slower
 LOG_EVERY = 10
 
 
@@ -272,16 +281,13 @@ def target_ids(target: str, tokenizer=None) -> list[int]:
     return ids
 
 
-@cache
-def _pixel_values(image: str):
-    from PIL import Image
-
-    with Image.open(IMAGES / image) as im:
-        return reference_processor()(images=im, return_tensors="pt")["pixel_values"]
-
-
 def prompt_inputs(lesson: Lesson) -> dict:
-    """The reference processor's inputs for the lesson's prompt and image (batch of one)."""
+    """The reference processor's inputs for the lesson's prompt and image (batch of one; fresh tensors)."""
+    return {name: value.clone() for name, value in _prompt_inputs(lesson).items()}
+
+
+@cache
+def _prompt_inputs(lesson: Lesson) -> dict:
     from PIL import Image
 
     with Image.open(lesson.path) as im:
@@ -341,7 +347,7 @@ def _batch(lessons):
         attention_mask=torch.tensor(left([[1] * len(r[0]) for r in rows], 0)),
         image_embeds_position_mask=torch.tensor(left([r[2] for r in rows], 0)),
         labels=torch.tensor(left([r[1] for r in rows], -100))[:, -keep:],
-        pixel_values=torch.cat([_pixel_values(lesson.image) for lesson in lessons]),
+        pixel_values=torch.cat([_prompt_inputs(lesson)["pixel_values"] for lesson in lessons]),
         logits_to_keep=keep,
     )
 
@@ -372,30 +378,42 @@ def _teacher_forced(logits, labels):
     return right.tolist(), margin.tolist()
 
 
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check(model, lessons=LESSONS, max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
-    """Greedy `generate` of the reference for every lesson: one report per lesson with `ok` (exactly the
-    expected ids and text), `margin` (smallest top-1 minus top-2 logit over the answer steps), `got` (the raw
-    text generated)."""
+    """Greedy `generate` of the reference for every lesson: one report per lesson with `lesson` (its key), `ok`
+    (exactly the expected ids and text), `margin` (smallest top-1 minus top-2 logit over the answer steps) and
+    `got` (the raw text generated)."""
+    with _torch_threads(THREADS):
+        return [_check_one(model, lesson, max_new_tokens) for lesson in lessons]
+
+
+def _check_one(model, lesson: Lesson, max_new_tokens: int) -> dict:
     import torch
 
     processor = reference_processor()
-    reports = []
-    for lesson in lessons:
-        inputs = prompt_inputs(lesson)
-        want = expected(lesson)
-        with torch.no_grad():
-            out = model.generate(
-                **inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
-                output_logits=True, return_dict_in_generate=True,
-            )
-        ids = out.sequences[0].tolist()
-        decoded = processor.batch_decode([ids], skip_special_tokens=True)[0]
-        got = processor.post_process_generation(decoded, cleanup_and_extract=False)
-        steps = torch.cat(out.logits).float()
-        top2 = torch.topk(steps, 2, dim=-1).values
-        margin = float((top2[:, 0] - top2[:, 1]).min())
-        reports.append(dict(lesson=lesson.key, ok=ids == want.ids and got == want.raw, margin=margin, got=got))
-    return reports
+    want = expected(lesson)
+    with torch.no_grad():
+        out = model.generate(
+            **prompt_inputs(lesson), do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    ids = out.sequences[0].tolist()
+    decoded = processor.batch_decode([ids], skip_special_tokens=True)[0]
+    got = processor.post_process_generation(decoded, cleanup_and_extract=False)
+    top2 = torch.topk(torch.cat(out.logits).float(), 2, dim=-1).values
+    margin = float((top2[:, 0] - top2[:, 1]).min())
+    return dict(lesson=lesson.key, ok=ids == want.ids and got == want.raw, margin=margin, got=got)
 
 
 def train_checkpoint(folder: Path, *, seed: int = SEED, log=None) -> Path:
@@ -411,16 +429,14 @@ def train_checkpoint(folder: Path, *, seed: int = SEED, log=None) -> Path:
     from transformers import Kosmos2ForConditionalGeneration
 
     folder = Path(folder)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
     start, start_cpu = time.perf_counter(), time.process_time()
-    try:
+    with _torch_threads(THREADS):
         batches, order = _batches(LESSONS)
         counts = [int((batch["labels"] != -100).sum()) for batch in batches]
         total = sum(counts)
         torch.manual_seed(seed)
         model = Kosmos2ForConditionalGeneration(trained_config())
-        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=BETAS)
         reports = None
         for step in range(1, MAX_STEPS + 1):
             model.train()
@@ -460,8 +476,6 @@ def train_checkpoint(folder: Path, *, seed: int = SEED, log=None) -> Path:
             seed=seed, lr=LR, threads=THREADS, torch=torch.__version__, transformers=transformers.__version__,
         ), indent=2) + "\n")
         return folder
-    finally:
-        torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------------------------------------------
