@@ -110,6 +110,26 @@ def test_reference_answers_every_lesson_exactly_with_clear_margins(trained_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variant", ["bfloat16", "int8-rounded weights"])
+def test_answers_survive_lower_precision(trained_dir, variant):
+    """The margins are wide enough that bf16 compute, or weights rounded to int8 per row, change no answer."""
+    import torch
+
+    model = trained.load_reference(trained_dir)
+    if variant == "bfloat16":
+        model = model.to(torch.bfloat16)
+    else:
+        with torch.no_grad():
+            for name, weight in model.named_parameters():
+                if weight.dim() == 2 and "position" not in name:
+                    scale = weight.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
+                    weight.copy_(torch.round(weight / scale).clamp(-127, 127) * scale)
+    for report in trained.check(model):
+        assert report["ok"], report
+        assert report["margin"] > 2.0, report
+
+
+@pytest.mark.slow
 def test_a_second_call_reuses_the_cache(trained_dir, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("trained again")

@@ -243,7 +243,7 @@ BETAS = (0.9, 0.999)
 CLIP = 1.0  # gradient norm
 MAX_STEPS = 1000  # it passes at about 200
 MARGIN = 3.0  # smallest top-1 minus top-2 logit at any answer step, under the reference's greedy generate
-MAX_NEW_TOKENS = 64  # > the longest answer (47 tokens with EOS)
+MAX_NEW_TOKENS = 64  # > the longest answer (46 tokens with EOS)
 THREADS = 1  # see TRAINED.md: two threads on a busy two-core machine are many times slower
 LOG_EVERY = 10
 
