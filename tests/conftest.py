@@ -14,3 +14,12 @@ def shared_fixtures():
     if not FIXTURES.is_dir():
         pytest.skip(f"{SHARED} is absent: the released tokenizer and demo images live there")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def trained_dir(shared_fixtures):
+    """The tiny Kosmos-2 checkpoint that the reference trained to answer `trained.LESSONS` exactly (hub layout);
+    trained on first use (a few minutes on CPU), then cached under the system temp dir."""
+    from trained import trained_checkpoint_dir
+
+    return trained_checkpoint_dir()
