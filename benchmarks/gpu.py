@@ -139,10 +139,15 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         model = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype=dtype)
+        sync()
+        t1 = time.perf_counter()
         model.fuse_for_inference()
+        sync()
+        t2 = time.perf_counter()
         model.generate(**one, max_new_tokens=1)
         sync()
         results["ours_load_to_first_token_s"] = time.perf_counter() - t0
+        results["ours_load_phases_s"] = {"from_pretrained": t1 - t0, "fuse": t2 - t1, "first_token": time.perf_counter() - t2}
         results["ours_weights_gb"] = torch.cuda.max_memory_allocated() / 1e9
         state["ours"] = model
 
@@ -370,7 +375,11 @@ def main() -> None:
         make_jpegs(images, args.e2e)
         out = images.parent / "e2e.jsonl"
         out.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "kosmos2_cli", "batch", str(images), "-o", str(out), "--model",
+        profile = args.out / "batch.prof" if args.out else None
+        runner = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
+        if profile:
+            args.out.mkdir(parents=True, exist_ok=True)
+        command = [*runner, "-m", "kosmos2_cli", "batch", str(images), "-o", str(out), "--model",
                    str(folder), "--max-new-tokens", str(NEW_TOKENS), "--batch-size", str(args.batch_size_e2e),
                    "--json", "--quiet"]
         t0 = time.perf_counter()
@@ -381,6 +390,16 @@ def main() -> None:
         results["e2e"] = {"images": args.e2e, "records": len(lines), "wall_s": wall, "exit": done.returncode,
                           "images_per_s_wall": len(lines) / wall, "summary": summary}
         print("e2e", results["e2e"], flush=True)
+        if profile and profile.exists():
+            import io
+            import pstats
+
+            text = io.StringIO()
+            stats = pstats.Stats(str(profile), stream=text)
+            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(25)
+            results["e2e_profile"] = text.getvalue()
+            print(text.getvalue()[-9000:], flush=True)
 
     section("load ours", results, load_ours)
     if args.profile:
@@ -432,7 +451,7 @@ def print_table(results: dict) -> None:
                 "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err",
                 "kernel_decode_attention_short_rel_err", "kernel_quick_gelu_rel_err",
                 "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
-                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "e2e", "errors"):
+                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "e2e", "ours_load_phases_s", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
 
