@@ -147,7 +147,8 @@ def main() -> None:
         model.generate(**one, max_new_tokens=1)
         sync()
         results["ours_load_to_first_token_s"] = time.perf_counter() - t0
-        results["ours_load_phases_s"] = {"from_pretrained": t1 - t0, "fuse": t2 - t1, "first_token": time.perf_counter() - t2}
+        results["ours_load_phases_s"] = {"from_pretrained": t1 - t0, "fuse": t2 - t1,
+                                         "first_token": time.perf_counter() - t2}
         results["ours_weights_gb"] = torch.cuda.max_memory_allocated() / 1e9
         state["ours"] = model
 
@@ -451,7 +452,8 @@ def print_table(results: dict) -> None:
                 "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err",
                 "kernel_decode_attention_short_rel_err", "kernel_quick_gelu_rel_err",
                 "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
-                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "e2e", "ours_load_phases_s", "errors"):
+                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "e2e",
+                "ours_load_phases_s", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
 
