@@ -14,6 +14,8 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +33,47 @@ def synthetic_image(seed: int = 0, size=(640, 480)) -> Image.Image:
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def load_to_first_token(which: str, folder: Path) -> float:
+    """Seconds from nothing loaded to the first generated token, in this (fresh) process."""
+    t0 = time.perf_counter()
+    from kosmos2_cli import Kosmos2Processor  # the same inputs for both (what is timed is the model's load)
+
+    if which == "ours":
+        from kosmos2_cli import Kosmos2ForConditionalGeneration as Model
+    else:
+        from transformers import Kosmos2ForConditionalGeneration as Model
+    processor = Kosmos2Processor.from_pretrained(folder)
+    model = Model.from_pretrained(str(folder), dtype=torch.bfloat16, device_map="cuda") if which == "ref" else (
+        Model.from_pretrained(folder, device="cuda", dtype=torch.bfloat16))
+    if hasattr(model, "fuse_for_inference"):
+        model.fuse_for_inference()
+    inputs = processor(text=PROMPT, images=synthetic_image(), return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=1)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def make_jpegs(folder: Path, count: int) -> None:
+    """`count` 640x480 JPEGs of smooth random colour fields (photo-like sizes, ~30-60 KB), made once."""
+    import numpy as np
+
+    if folder.is_dir() and len(list(folder.glob("*.jpg"))) == count:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(i: int) -> None:
+        rng = np.random.default_rng(i)
+        small = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((640, 480), Image.BICUBIC)
+        noisy = np.asarray(small, dtype=np.int16) + rng.integers(-12, 13, (480, 640, 3))
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(folder / f"img_{i:05d}.jpg", quality=90)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(count)))
 
 
 def sync() -> None:
@@ -56,9 +99,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default=None, help="comma-separated, ours")
     parser.add_argument("--ref-batch-sizes", default=None, help="comma-separated, the reference")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--e2e", type=int, default=0, metavar="N",
+                        help="also time `kosmos2 batch` over N generated 640x480 JPEGs")
+    parser.add_argument("--batch-size-e2e", type=int, default=256)
+    parser.add_argument("--load-only", choices=["ours", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="kernel profile of a decode step, GEMV bandwidth, "
                         "and a torch.compile trial")
     args = parser.parse_args()
+
+    if args.load_only:
+        print(json.dumps({"load_to_first_token_s": load_to_first_token(args.load_only, args.weights)}))
+        return
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
 
@@ -88,10 +139,16 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         model = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype=dtype)
+        sync()
+        t1 = time.perf_counter()
         model.fuse_for_inference()
+        sync()
+        t2 = time.perf_counter()
         model.generate(**one, max_new_tokens=1)
         sync()
         results["ours_load_to_first_token_s"] = time.perf_counter() - t0
+        results["ours_load_phases_s"] = {"from_pretrained": t1 - t0, "fuse": t2 - t1,
+                                         "first_token": time.perf_counter() - t2}
         results["ours_weights_gb"] = torch.cuda.max_memory_allocated() / 1e9
         state["ours"] = model
 
@@ -303,6 +360,48 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
+    def fresh_loads():
+        """Load to first token, each in a new process (so CUDA's start-up counts alike); ours twice: the first
+        run also fills Triton's kernel cache, as a user's first run does."""
+        for name in ("ours", "ours", "ref") if not args.no_reference else ("ours", "ours"):
+            out = subprocess.run([sys.executable, __file__, "--load-only", name, "--weights", str(folder)],
+                                 capture_output=True, text=True, check=True).stdout
+            seconds = json.loads(out.strip().splitlines()[-1])["load_to_first_token_s"]
+            results.setdefault(f"fresh_load_{name}_s", []).append(seconds)
+            print("fresh load", name, seconds, flush=True)
+
+    def end_to_end():
+        """`kosmos2 batch` over a folder of JPEGs: decoding, preprocessing, the model and the JSON lines."""
+        images = args.weights.parent / f"kosmos2-e2e-{args.e2e}"
+        make_jpegs(images, args.e2e)
+        out = images.parent / "e2e.jsonl"
+        out.unlink(missing_ok=True)
+        profile = args.out / "batch.prof" if args.out else None
+        runner = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
+        if profile:
+            args.out.mkdir(parents=True, exist_ok=True)
+        command = [*runner, "-m", "kosmos2_cli", "batch", str(images), "-o", str(out), "--model",
+                   str(folder), "--max-new-tokens", str(NEW_TOKENS), "--batch-size", str(args.batch_size_e2e),
+                   "--json", "--quiet"]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        lines = out.read_text().splitlines() if out.exists() else []
+        summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+        results["e2e"] = {"images": args.e2e, "records": len(lines), "wall_s": wall, "exit": done.returncode,
+                          "images_per_s_wall": len(lines) / wall, "summary": summary}
+        print("e2e", results["e2e"], flush=True)
+        if profile and profile.exists():
+            import io
+            import pstats
+
+            text = io.StringIO()
+            stats = pstats.Stats(str(profile), stream=text)
+            stats.sort_stats("cumulative").print_stats(40)
+            stats.sort_stats("tottime").print_stats(25)
+            results["e2e_profile"] = text.getvalue()
+            print(text.getvalue()[-9000:], flush=True)
+
     section("load ours", results, load_ours)
     if args.profile:
         section("profile generate", results, profile_generate)
@@ -319,6 +418,14 @@ def main() -> None:
     section("ours", results, lambda: latency_and_throughput("ours", ours_sizes))
     if not args.no_reference:
         section("reference", results, lambda: latency_and_throughput("ref", ref_sizes))
+
+    if args.e2e:
+        del state["ours"]
+        state.pop("ref", None)
+        gc.collect()
+        torch.cuda.empty_cache()
+        section("end to end", results, end_to_end)
+    section("fresh loads", results, fresh_loads)
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -345,7 +452,8 @@ def print_table(results: dict) -> None:
                 "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err",
                 "kernel_decode_attention_short_rel_err", "kernel_quick_gelu_rel_err",
                 "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
-                "fast_vs_plain_same_tokens", "errors"):
+                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "e2e",
+                "ours_load_phases_s", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
 

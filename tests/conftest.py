@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from oracle import FIXTURES, SHARED
 
@@ -14,3 +16,17 @@ def shared_fixtures():
     if not FIXTURES.is_dir():
         pytest.skip(f"{SHARED} is absent: the released tokenizer and demo images live there")
     return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def trained_dir(shared_fixtures):
+    """The tiny Kosmos-2 checkpoint that the reference trained to answer `trained.LESSONS` exactly (hub layout);
+    trained on first use (a few minutes on CPU), then cached under the system temp dir. KOSMOS2_TRAINED_DIR names
+    a ready one instead (e.g. carried to a GPU machine whose transformers would train it differently)."""
+    import os
+
+    if os.environ.get("KOSMOS2_TRAINED_DIR"):
+        return Path(os.environ["KOSMOS2_TRAINED_DIR"])
+    from trained import trained_checkpoint_dir
+
+    return trained_checkpoint_dir()

@@ -90,6 +90,26 @@ def test_folder_with_good_and_bad_images(model, mixed, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_images_prepared_in_worker_processes(model, mixed, tmp_path, monkeypatch):
+    """The process pool (used for long runs on many cores) gives the same records, failures included."""
+    monkeypatch.setenv("KOSMOS2_PREPARE", "threads")
+    threads = batch(model, mixed, "-o", tmp_path / "threads.jsonl", "--workers", "2")
+    monkeypatch.setenv("KOSMOS2_PREPARE", "processes")
+    processes = batch(model, mixed, "-o", tmp_path / "processes.jsonl", "--workers", "2")
+    assert threads.exit_code == processes.exit_code == ExitCode.FAILED
+    assert lines(tmp_path / "threads.jsonl") == lines(tmp_path / "processes.jsonl")
+
+
+def test_task_defaults_to_caption(model, tmp_path):
+    folder = tmp_path / "photos"
+    save(photo(), folder / "one.png")
+    out = tmp_path / "captions.jsonl"
+    result = batch(model, folder, "-o", out)
+    assert result.exit_code == 0, result.stderr
+    [record] = lines(out)
+    assert record["task"] == "caption" and record["prompt"] == "<grounding> An image of"
+
+
 def test_rerun_resumes_and_other_tasks_do_not_skip(model, mixed, tmp_path):
     out = tmp_path / "out.jsonl"
     batch(model, mixed, "-o", out, "-t", "caption")
@@ -222,8 +242,11 @@ def test_interrupt_in_process_keeps_whole_lines(model, mixed, tmp_path, monkeypa
     assert set(by_image(lines(out), mixed)) == GOOD | set(BAD)
 
 
-@pytest.mark.parametrize("how, code", [("SIGKILL", -signal.SIGKILL), ("SIGINT", 130)])
-def test_interrupted_process_leaves_a_file_a_rerun_completes(model, tmp_path, how, code):
+@pytest.mark.parametrize("how, code, prepare", [("SIGKILL", -signal.SIGKILL, "threads"), ("SIGINT", 130, "threads"),
+                                                ("SIGKILL", -signal.SIGKILL, "processes")])
+def test_interrupted_process_leaves_a_file_a_rerun_completes(model, tmp_path, how, code, prepare):
+    """Also with images prepared in worker processes: they die with a killed run (else they would hold its
+    output pipes open, and this test would time out)."""
     folder = tmp_path / "many"
     for n in range(16):
         save(photo(40, 40, seed=n), folder / f"img{n:02d}.png")
@@ -231,7 +254,7 @@ def test_interrupted_process_leaves_a_file_a_rerun_completes(model, tmp_path, ho
     command = [*kosmos2_command(), "batch", str(folder), "-o", str(out), "-t", "caption", "--model", str(model),
                "--max-new-tokens", "24", "--batch-size", "1", "--workers", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=subprocess_env())
+                               env=subprocess_env(KOSMOS2_PREPARE=prepare))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if out.exists() and out.read_bytes().count(b"\n") >= 2:

@@ -210,7 +210,8 @@ def batch(
                                                 help="Image files, folders (searched recursively) or globs.")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.jsonl", dir_okay=False, show_default=False,
                                          help="The JSON-lines file: created, or completed when it exists.")],
-    task: Annotated[Task, typer.Option("--task", "-t", rich_help_panel=BATCH, help="What to do with each image.")],
+    task: Annotated[Task, typer.Option("--task", "-t", rich_help_panel=BATCH,
+                                       help="What to do with each image.")] = Task.caption,
     detailed: Annotated[bool, typer.Option("--detailed", "-d", rich_help_panel=BATCH,
                                            help="caption: detailed descriptions.")] = False,
     phrase: Annotated[list[str], typer.Option("--phrase", "-p", metavar="TEXT", rich_help_panel=BATCH,
@@ -235,7 +236,7 @@ def batch(
     and it resumes, skipping the images already in the file. Images that cannot be read get an error record
     and the run goes on; the exit status is then 1. With --json, a summary object is printed on stdout.
 
-    Example: kosmos2 batch photos/ -o captions.jsonl --task caption
+    Example: kosmos2 batch photos/ -o captions.jsonl          (--task caption is the default)
     """
     from kosmos2_cli.batch import run_batch
     from kosmos2_cli.tasks import TaskSpec

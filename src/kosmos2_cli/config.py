@@ -79,6 +79,7 @@ class Kosmos2TextConfig(_ConfigBase):
     bos_token_id: int = 0
     eos_token_id: int = 2
     tie_word_embeddings: bool = True
+    add_cross_attention: bool = False  # the reference's option; Kosmos-2 never uses it (the model refuses True)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property

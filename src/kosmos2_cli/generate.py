@@ -66,7 +66,7 @@ class Decoder:
         if graphs:
             model.text_model.model.ensure_positions(capacity + 2)
             self._step = Graphed(self._step_logits, self.cache.state, self.cache.set_state)
-            self._prefill = Graphed(self._prefill_logits, max_graphs=4)
+            self._prefill = Graphed(self._prefill_logits, max_graphs=4, capture_after=1)
 
     @classmethod
     def for_model(cls, model, batch: int, needed: int, device: torch.device) -> Decoder:
@@ -127,7 +127,10 @@ class Decoder:
 def encode_images(model, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
     """Image embeddings; small CUDA batches replay a graph (its output is overwritten by the next call)."""
     if pixel_values.is_cuda and pixel_values.shape[0] <= GRAPHED_PREFILL_BATCH and not interpolate_pos_encoding:
-        graphed = model.__dict__.setdefault("_vision_graph", Graphed(model.get_image_features, max_graphs=4))
+        graphed = model.__dict__.get("_vision_graph")
+        if graphed is None:
+            graphed = model.__dict__["_vision_graph"] = Graphed(model.get_image_features, max_graphs=4,
+                                                                capture_after=1)
         return graphed(pixel_values.to(model.dtype))
     return model.get_image_features(pixel_values, interpolate_pos_encoding)
 

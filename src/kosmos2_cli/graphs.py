@@ -22,15 +22,23 @@ class Graphed:
     """
 
     def __init__(self, fn: Callable[..., Tensor], save: Callable[[], object] | None = None,
-                 restore: Callable[[object], None] | None = None, max_graphs: int = 8) -> None:
+                 restore: Callable[[object], None] | None = None, max_graphs: int = 8,
+                 capture_after: int = 0) -> None:
         self.fn = fn
         self.save = save or (lambda: None)
         self.restore = restore or (lambda state: None)
         self.max_graphs = max_graphs
+        # Calls of a shape that run eagerly before it is captured: a capture costs a warm-up and the capture,
+        # which only pays off for shapes that recur (prompts of a batch job, not a one-off caption).
+        self.capture_after = capture_after
+        self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor]] = {}
 
     def __call__(self, *tensors: Tensor, key: tuple = ()) -> Tensor:
         key = (*key, *((t.shape, t.dtype) for t in tensors))
+        if key not in self.graphs and self.seen.get(key, 0) < self.capture_after:
+            self.seen[key] = self.seen.get(key, 0) + 1
+            return self.fn(*tensors)
         if key not in self.graphs:
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.pop(next(iter(self.graphs)))

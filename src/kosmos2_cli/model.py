@@ -30,6 +30,11 @@ def _quick_gelu(x: Tensor) -> Tensor:
 _FAST_KERNELS = [False]  # set by fuse_for_inference on a CUDA model with Triton present
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout in training only; in eval the input comes back untouched (no extra op for inference or graphs)."""
+    return F.dropout(x, p, training=True) if training and p > 0 else x
+
+
 def _activation(name: str):
     if name == "gelu":
         return F.gelu
@@ -77,22 +82,64 @@ class ModelOutput:
 
 
 @dataclass
-class Kosmos2ModelOutput(ModelOutput):
+class Kosmos2VisionOutput(ModelOutput):
+    """The image side of a forward pass, as the reference's `image_outputs` (BaseModelOutputWithPooling).
+
+    `last_hidden_state`: the vision encoder's last layer, before `post_layernorm`; `pooler_output`: the image
+    embeddings the decoder gets (the reference overwrites the pooled vector with them); `hidden_states` (with
+    `output_hidden_states`): the encoder's input (after `pre_layrnorm`) and each layer's output, the last one not
+    normed (as CLIP's).
+    """
+
+    last_hidden_state: Tensor | None = None
+    pooler_output: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+class _MultimodalOutput(ModelOutput):
+    """Aliases shared by both outputs: transformers 5 names the cache `cache` and the image side `image_outputs`
+    (older releases: `past_key_values`, `vision_model_output`)."""
+
+    past_key_values: KVCache | None
+    image_outputs: Kosmos2VisionOutput | None
+
+    @property
+    def cache(self) -> KVCache | None:
+        return self.past_key_values
+
+    @property
+    def vision_model_output(self) -> Kosmos2VisionOutput | None:
+        return self.image_outputs
+
+    @property
+    def vision_hidden_states(self) -> tuple[Tensor, ...] | None:
+        return None if self.image_outputs is None else self.image_outputs.hidden_states
+
+
+@dataclass
+class Kosmos2ModelOutput(_MultimodalOutput):
+    """`hidden_states` (with `output_hidden_states`): the decoder's input embeddings, then each layer's output,
+    the last entry after the final LayerNorm (equal to `last_hidden_state`), as the reference's tuple.
+    `image_embeds`: what the decoder got for the image (computed, or passed in); `image_outputs` only when the
+    image encoder ran."""
+
     last_hidden_state: Tensor | None = None
     past_key_values: KVCache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     image_embeds: Tensor | None = None
-    vision_hidden_states: tuple[Tensor, ...] | None = None
+    image_outputs: Kosmos2VisionOutput | None = None
 
 
 @dataclass
-class Kosmos2CausalLMOutput(ModelOutput):
+class Kosmos2CausalLMOutput(_MultimodalOutput):
+    """As `Kosmos2ModelOutput`, with `logits` and (given `labels`) the next-token cross-entropy `loss`."""
+
     loss: Tensor | None = None
     logits: Tensor | None = None
     past_key_values: KVCache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     image_embeds: Tensor | None = None
-    vision_hidden_states: tuple[Tensor, ...] | None = None
+    image_outputs: Kosmos2VisionOutput | None = None
 
 
 # Passed as an attention mask: plain causal attention, for prompts without padding (SDPA's flash kernel).
@@ -102,9 +149,10 @@ CAUSAL = object()
 class Attention(nn.Module):
     """Multi-head attention; the decoder's adds a LayerNorm on the heads' output (sub-LN) before `out_proj`."""
 
-    def __init__(self, dim: int, heads: int, inner_norm_eps: float | None = None) -> None:
+    def __init__(self, dim: int, heads: int, inner_norm_eps: float | None = None, dropout: float = 0.0) -> None:
         super().__init__()
         self.heads = heads
+        self.dropout = dropout  # on the attention probabilities, in training mode only
         self.head_dim = dim // heads
         if self.head_dim * heads != dim:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
@@ -164,10 +212,11 @@ class Attention(nn.Module):
             from kosmos2_cli.kernels import decode_attention
 
             out = decode_attention(q, k, v, cache.visible_valid(), cache.next_slot, self.scale)
-        elif mask is CAUSAL:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            drop = self.dropout if self.training else 0.0
+            causal = mask is CAUSAL
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, dropout_p=drop,
+                                                 is_causal=causal, scale=self.scale)
         out = out.to(activations).transpose(1, 2).flatten(2)
         if self.inner_attn_ln is not None:
             out = self.inner_attn_ln(out)
@@ -217,7 +266,7 @@ class VisionLayer(nn.Module):
     def __init__(self, config: Kosmos2VisionConfig) -> None:
         super().__init__()
         dim = config.hidden_size
-        self.self_attn = Attention(dim, config.num_attention_heads)
+        self.self_attn = Attention(dim, config.num_attention_heads, dropout=config.attention_dropout)
         self.layer_norm1 = LayerNorm(dim, eps=config.layer_norm_eps)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(dim, config.intermediate_size)
@@ -266,7 +315,7 @@ class ImageToTextProjection(nn.Module):
         dim = config.text_config.embed_dim
         self.dense = nn.Linear(config.vision_config.hidden_size, dim)
         self.latent_query = nn.Parameter(torch.zeros(config.latent_query_num, dim))
-        self.x_attn = Attention(dim, config.text_config.attention_heads)
+        self.x_attn = Attention(dim, config.text_config.attention_heads, dropout=config.text_config.attention_dropout)
 
     def forward(self, features: Tensor) -> Tensor:
         hidden = self.dense(features)
@@ -312,7 +361,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: Kosmos2TextConfig) -> None:
         super().__init__()
         dim = config.embed_dim
-        self.self_attn = Attention(dim, config.attention_heads, inner_norm_eps=config.layer_norm_eps)
+        self.self_attn = Attention(
+            dim, config.attention_heads, inner_norm_eps=config.layer_norm_eps, dropout=config.attention_dropout
+        )
+        self.dropout = config.dropout
+        self.activation_dropout = config.activation_dropout
         self.self_attn_layer_norm = LayerNorm(dim, eps=config.layer_norm_eps)
         self.ffn = nn.Module()
         self.ffn.fc1 = nn.Linear(dim, config.ffn_dim)
@@ -322,14 +375,18 @@ class DecoderLayer(nn.Module):
         self.act = _activation(config.activation_function)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slots: Tensor | None):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), mask=mask, cache=cache, layer=layer, slots=slots)
-        h = self.act(self.ffn.fc1(self.final_layer_norm(x)))
-        return x + self.ffn.fc2(self.ffn.ffn_layernorm(h))
+        h = self.self_attn(self.self_attn_layer_norm(x), mask=mask, cache=cache, layer=layer, slots=slots)
+        x = x + _dropout(h, self.dropout, self.training)
+        h = _dropout(self.act(self.ffn.fc1(self.final_layer_norm(x))), self.activation_dropout, self.training)
+        return x + _dropout(self.ffn.fc2(self.ffn.ffn_layernorm(h)), self.dropout, self.training)
 
 
 class TextTransformer(nn.Module):
     def __init__(self, config: Kosmos2TextConfig) -> None:
         super().__init__()
+        if config.add_cross_attention:
+            raise ValueError("add_cross_attention=True (decoder cross-attention layers) is not supported: Kosmos-2 "
+                             "has none")
         self.config = config
         self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
         self.padding_idx = config.pad_token_id
@@ -360,12 +417,16 @@ class TextTransformer(nn.Module):
     ) -> Tensor:
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        capturing = inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing()
+        # No host reads of data while a CUDA graph is captured, nor on the meta device (shape inference).
+        capturing = inputs_embeds.is_meta or (inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing())
         if image_embeds is not None and image_embeds_position_mask is not None:
             inputs_embeds = place_image(inputs_embeds, image_embeds, image_embeds_position_mask.to(torch.bool),
                                         checked=not capturing)
         x = inputs_embeds * self.embed_scale
-        return x + self.position_embeddings(position_ids, x.dtype, check=not capturing)
+        x = x + self.position_embeddings(position_ids, x.dtype, check=not capturing)
+        # The reference applies embedding dropout twice (in forward_embedding and again before the layers).
+        p = self.config.dropout
+        return _dropout(_dropout(x, p, self.training), p, self.training)
 
     def forward(
         self,
@@ -375,13 +436,21 @@ class TextTransformer(nn.Module):
         slots: Tensor | None = None,
         hidden_states: list | None = None,
     ) -> Tensor:
+        """The final-normed last state; `hidden_states` gets the reference's tuple: the layers' input, each layer's
+        output, the last one replaced by the normed final state (layers skipped by layerdrop add nothing)."""
         if hidden_states is not None:
             hidden_states.append(hidden)
+        layerdrop = self.config.layerdrop if self.training else 0.0
         for i, layer in enumerate(self.layers):
+            if layerdrop > 0 and torch.rand([]) < layerdrop:
+                continue
             hidden = layer(hidden, mask, cache, i, slots)
             if hidden_states is not None:
                 hidden_states.append(hidden)
-        return self.layer_norm(hidden)
+        hidden = self.layer_norm(hidden)
+        if hidden_states is not None:
+            hidden_states[-1] = hidden
+        return hidden
 
 
 class TextModel(nn.Module):
@@ -434,6 +503,28 @@ def attention_mask_for(valid_keys: Tensor, query_slots: Tensor) -> Tensor:
     causal = key_slots <= query_slots[..., None]
     own = key_slots == query_slots[..., None]
     return ((valid_keys[:, None, :] & causal) | own)[:, None]
+
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor | None,
+    num_items_in_batch: int | Tensor | None = None,
+    ignore_index: int = -100,
+    shift_labels: Tensor | None = None,
+) -> Tensor:
+    """The reference's `ForCausalLMLoss`: position t predicts label t+1 (`shift_labels` given: already shifted),
+    `ignore_index` skipped, computed in fp32; the mean over counted tokens, or the sum over `num_items_in_batch`
+    (gradient accumulation over batches of uneven token counts)."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    target = shift_labels.reshape(-1).to(flat.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, target, ignore_index=ignore_index)
+    total = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="sum")
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 class Kosmos2PreTrainedModel(nn.Module):
@@ -513,13 +604,27 @@ class Kosmos2PreTrainedModel(nn.Module):
         return self.text_model.model.layer_norm.weight.dtype
 
     def get_image_features(
-        self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, vision_hidden_states: list | None = None
-    ) -> Tensor:
-        """Image embeddings for the decoder: (batch, latent_query_num, embed_dim)."""
+        self,
+        pixel_values: Tensor,
+        interpolate_pos_encoding: bool = False,
+        vision_hidden_states: list | None = None,
+        *,
+        return_dict: bool = False,
+    ) -> Tensor | Kosmos2VisionOutput:
+        """Image embeddings for the decoder: (batch, latent_query_num, embed_dim); encode an image once, pass them
+        as `image_embeds` to many prompts.
+
+        A tensor (as transformers 4 returns); `return_dict=True` gives a `Kosmos2VisionOutput` whose
+        `pooler_output` holds them (as transformers 5 returns).
+        """
         vision = self.vision_model.model
-        features = vision(pixel_values, interpolate_pos_encoding, vision_hidden_states)
-        features = F.normalize(vision.post_layernorm(features), dim=-1)
-        return self.image_to_text_projection(features)
+        last = vision(pixel_values, interpolate_pos_encoding, vision_hidden_states)
+        features = F.normalize(vision.post_layernorm(last), dim=-1)
+        embeds = self.image_to_text_projection(features)
+        if not return_dict:
+            return embeds
+        states = tuple(vision_hidden_states) if vision_hidden_states else None
+        return Kosmos2VisionOutput(last_hidden_state=last, pooler_output=embeds, hidden_states=states)
 
     def _decode_hidden(
         self,
@@ -558,12 +663,43 @@ class Kosmos2PreTrainedModel(nn.Module):
                 batch, length))
         return text(x, mask, cache, slots, hidden_states), cache
 
-    def _image_embeds(self, pixel_values, image_embeds, interpolate_pos_encoding, vision_hidden_states):
-        if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("pass either pixel_values or image_embeds")
-            image_embeds = self.get_image_features(pixel_values, interpolate_pos_encoding, vision_hidden_states)
-        return image_embeds
+    def _prepare(
+        self,
+        pixel_values: Tensor | None,
+        image_embeds: Tensor | None,
+        past_key_values: Any,
+        cache: Any,
+        use_cache: bool | None,
+        output_hidden_states: bool | None,
+        interpolate_pos_encoding: bool,
+    ) -> tuple[KVCache | None, bool, list | None, Tensor | None, Kosmos2VisionOutput | None]:
+        """What both forwards share before the decoder: the cache argument (either name), the reference's defaults
+        for `use_cache` / `output_hidden_states` (from the config), and the image encoder's run (skipped when
+        `image_embeds` are given or the cache already holds the image)."""
+        if past_key_values is None:
+            past_key_values = cache
+        if past_key_values is not None and not isinstance(past_key_values, KVCache):
+            raise TypeError(
+                f"past_key_values must be the KVCache this model returned (use_cache=True), not "
+                f"{type(past_key_values).__name__}"
+            )
+        if use_cache is None:  # the reference's default is config.use_cache; a cache is for decoding, not training
+            use_cache = bool(self.config.text_config.use_cache) and not self.training
+        if output_hidden_states is None:
+            output_hidden_states = bool(self.config.extra.get("output_hidden_states", False))
+        text_states = [] if output_hidden_states else None
+        image_outputs = None
+        if past_key_values is None or past_key_values.length == 0:
+            if image_embeds is None:
+                if pixel_values is None:
+                    raise ValueError("pass either pixel_values or image_embeds")
+                image_outputs = self.get_image_features(
+                    pixel_values, interpolate_pos_encoding, [] if output_hidden_states else None, return_dict=True
+                )
+                image_embeds = image_outputs.pooler_output
+        else:
+            image_embeds = None  # already in the cache
+        return past_key_values, use_cache, text_states, image_embeds, image_outputs
 
 
 class Kosmos2Model(Kosmos2PreTrainedModel):
@@ -590,25 +726,34 @@ class Kosmos2Model(Kosmos2PreTrainedModel):
         inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
+        return_dict: bool = True,
+        cache: KVCache | None = None,
         **_ignored: Any,
-    ) -> Kosmos2ModelOutput:
-        vision_states = [] if output_hidden_states else None
-        text_states = [] if output_hidden_states else None
-        if past_key_values is None or past_key_values.length == 0:
-            image_embeds = self._image_embeds(pixel_values, image_embeds, interpolate_pos_encoding, vision_states)
-        hidden, cache = self._decode_hidden(
-            input_ids, attention_mask, image_embeds, image_embeds_position_mask, past_key_values, inputs_embeds,
-            position_ids, bool(use_cache), text_states,
+    ) -> Kosmos2ModelOutput | tuple:
+        """The decoder's final (normed) states for a prompt with its image; see `Kosmos2ModelOutput`.
+
+        `image_embeds` (from `get_image_features`) instead of `pixel_values` skips the image encoder.
+        `past_key_values` (or `cache`, its transformers 5 name) continues from a returned cache. `use_cache`
+        defaults to the config's (off in training mode).
+        """
+        past_key_values, use_cache, text_states, image_embeds, image_outputs = self._prepare(
+            pixel_values, image_embeds, past_key_values, cache, use_cache, output_hidden_states,
+            interpolate_pos_encoding,
         )
-        return Kosmos2ModelOutput(
+        hidden, kv = self._decode_hidden(
+            input_ids, attention_mask, image_embeds, image_embeds_position_mask, past_key_values, inputs_embeds,
+            position_ids, use_cache, text_states,
+        )
+        out = Kosmos2ModelOutput(
             last_hidden_state=hidden,
-            past_key_values=cache,
+            past_key_values=kv,
             hidden_states=tuple(text_states) if text_states is not None else None,
             image_embeds=image_embeds,
-            vision_hidden_states=tuple(vision_states) if vision_states else None,
+            image_outputs=image_outputs,
         )
+        return out if return_dict else out.to_tuple()
 
 
 class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
@@ -677,35 +822,45 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         position_ids: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         interpolate_pos_encoding: bool = False,
         logits_to_keep: int = 0,
+        return_dict: bool = True,
+        cache: KVCache | None = None,
+        num_items_in_batch: int | Tensor | None = None,
+        shift_labels: Tensor | None = None,
+        ignore_index: int = -100,
         **_ignored: Any,
-    ) -> Kosmos2CausalLMOutput:
-        vision_states = [] if output_hidden_states else None
-        text_states = [] if output_hidden_states else None
-        if labels is not None:
+    ) -> Kosmos2CausalLMOutput | tuple:
+        """Logits, and with `labels` the loss; arguments as `Kosmos2Model.forward`.
+
+        `labels` (batch, length), usually the `input_ids` with -100 where no loss is wanted (padding, image
+        slots, the prompt): the loss is the reference's next-token cross-entropy (see `causal_lm_loss`).
+        Labels turn the cache off.
+        """
+        if labels is not None or shift_labels is not None:
             use_cache = False
-        if past_key_values is None or past_key_values.length == 0:
-            image_embeds = self._image_embeds(pixel_values, image_embeds, interpolate_pos_encoding, vision_states)
-        hidden, cache = self._decode_hidden(
+        past_key_values, use_cache, text_states, image_embeds, image_outputs = self._prepare(
+            pixel_values, image_embeds, past_key_values, cache, use_cache, output_hidden_states,
+            interpolate_pos_encoding,
+        )
+        hidden, kv = self._decode_hidden(
             input_ids, attention_mask, image_embeds, image_embeds_position_mask, past_key_values, inputs_embeds,
-            position_ids, bool(use_cache), text_states,
+            position_ids, use_cache, text_states,
         )
         logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
-        if labels is not None:
-            # Next-token cross-entropy, -100 ignored (the reference's causal-LM loss).
-            shifted = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:]
-            loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten(), ignore_index=-100)
-        return Kosmos2CausalLMOutput(
+        if labels is not None or shift_labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, ignore_index, shift_labels)
+        out = Kosmos2CausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
+            past_key_values=kv,
             hidden_states=tuple(text_states) if text_states is not None else None,
             image_embeds=image_embeds,
-            vision_hidden_states=tuple(vision_states) if vision_states else None,
+            image_outputs=image_outputs,
         )
+        return out if return_dict else out.to_tuple()
 
     @torch.no_grad()
     def generate(

@@ -55,6 +55,8 @@ class Kosmos2:
     """A loaded model and processor, with one method per task of the model card."""
 
     def __init__(self, model, processor, options: GenerationOptions | None = None) -> None:
+        if hasattr(model, "fuse_for_inference"):
+            model.fuse_for_inference()  # the pipeline only infers: fused projections, CUDA kernels
         self.model = model
         self.processor = processor
         self.options = options or GenerationOptions()

@@ -29,23 +29,78 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
+def use_processes(images: int) -> bool:
+    """Prepare images in worker processes rather than threads?
+
+    Threads share the GIL with the thread that drives the GPU step by step, and decoding and preprocessing hold
+    it for part of each image: on a many-core GPU machine a thread pool caps a batch far below what the model
+    does. Processes cost a second to start, so they pay off for long runs on machines with cores to spare.
+    KOSMOS2_PREPARE=processes|threads overrides.
+    """
+    forced = os.environ.get("KOSMOS2_PREPARE", "").strip().lower()
+    if forced in ("processes", "threads"):
+        return forced == "processes"
+    return images >= 256 and (os.cpu_count() or 1) >= 8
+
+
+def process_workers() -> int:
+    return max(2, min(16, (os.cpu_count() or 2) - 2))
+
+
+def prepare_outcome(prepare: Callable, name: str, spec: TaskSpec, *args) -> Prepared | Failure:
+    """`prepare(name, spec, *args)`, or the Failure that says why the image cannot be used (picklable: it may
+    run in a worker process)."""
+    from kosmos2_cli.images import ImageLoadError
+    from kosmos2_cli.prompts import PromptError
+
+    try:
+        return prepare(name, spec, *args)
+    except ImageLoadError as err:
+        return Failure(name, str(err), spec.task)
+    except PromptError as err:
+        return Failure(name, f"{name}: {err}", spec.task)
+    except Exception as err:  # a picture the preprocessing cannot take: its record says so, the run goes on
+        return Failure(name, f"{name}: cannot prepare the image ({type(err).__name__}: {err})", spec.task)
+
+
+def _prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
+    from kosmos2_cli.engine import prepare_in_worker
+
+    return prepare_in_worker(name, spec, keep_image)
+
+
 class Runner:
     """One task over a stream of image names, `batch_size` images per model call."""
 
     def __init__(self, engine: Engine, spec: TaskSpec, batch_size: int = 8, workers: int | None = None,
-                 prefetch: int | None = None, notice: Callable[[str], None] | None = None) -> None:
+                 prefetch: int | None = None, notice: Callable[[str], None] | None = None,
+                 processes: bool = False, keep_images: bool = True) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.engine = engine
         self.spec = spec
         self.batch_size = batch_size
-        self.workers = workers or default_workers()
+        # Processes only where the engine can set one up; `keep_images`: send the pictures back (to draw them).
+        self.processes = processes and hasattr(engine, "worker_setup")
+        self.keep_images = keep_images
+        self.workers = workers or (process_workers() if self.processes else default_workers())
         self.prefetch = prefetch or 2 * batch_size + self.workers
         self.notice = notice or (lambda message: None)
 
+    def _pool(self):
+        if not self.processes:
+            return ThreadPoolExecutor(self.workers, thread_name_prefix="kosmos2-prepare")
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        initializer, args = self.engine.worker_setup()
+        # spawn: the workers start clean (no copy of a process that may hold a CUDA context)
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=initializer, initargs=args)
+
     def run(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
         """(outcome, upright image or None for a failure) in the order of `names`, as soon as its batch is done."""
-        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kosmos2-prepare")
+        pool = self._pool()
         pending: deque[Future] = deque()
         upcoming = iter(names)
 
@@ -54,7 +109,11 @@ class Runner:
                 name = next(upcoming, None)
                 if name is None:
                     return
-                pending.append(pool.submit(self._prepare, name))
+                if self.processes:
+                    pending.append(pool.submit(prepare_outcome, _prepare_in_worker, name, self.spec,
+                                               self.keep_images))
+                else:
+                    pending.append(pool.submit(prepare_outcome, self.engine.prepare, name, self.spec))
 
         try:
             refill()
@@ -68,19 +127,6 @@ class Runner:
                     window = []
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-
-    def _prepare(self, name: str) -> Prepared | Failure:
-        from kosmos2_cli.images import ImageLoadError
-        from kosmos2_cli.prompts import PromptError
-
-        try:
-            return self.engine.prepare(name, self.spec)
-        except ImageLoadError as err:
-            return Failure(name, str(err), self.spec.task)
-        except PromptError as err:
-            return Failure(name, f"{name}: {err}", self.spec.task)
-        except Exception as err:  # a picture the preprocessing cannot take: its record says so, the run goes on
-            return Failure(name, f"{name}: cannot prepare the image ({type(err).__name__}: {err})", self.spec.task)
 
     def _flush(self, window: list[Prepared | Failure]) -> Iterator[tuple[Outcome, Image.Image | None]]:
         batch = [item for item in window if isinstance(item, Prepared)]

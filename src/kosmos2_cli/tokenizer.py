@@ -93,6 +93,7 @@ class Kosmos2Tokenizer:
         # Longest first: Python's regex alternation then finds the leftmost-longest match, like Aho-Corasick.
         self._added_pattern = re.compile("|".join(re.escape(t) for t in sorted(every, key=len, reverse=True)))
         self._word_cache: dict[str, list[int]] = {}
+        self._encoded: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Kosmos2Tokenizer:
@@ -179,7 +180,13 @@ class Kosmos2Tokenizer:
         With the defaults this equals the reference tokenizer's `encode(text)` (`<s> ... </s>`); Kosmos-2's
         processor wants `<s>` without `</s>` (`add_eos=False`).
         """
-        ids = self._encode_text(text)
+        ids = self._encoded.get(text)
+        if ids is None:  # prompts repeat (a batch asks the same of every image): remember recent ones
+            ids = tuple(self._encode_text(text))
+            if len(self._encoded) >= 4096:
+                self._encoded.clear()
+            self._encoded[text] = ids
+        ids = list(ids)
         if add_eos is None:
             add_eos = add_special_tokens
         return ([self.bos_token_id] if add_special_tokens else []) + ids + ([self.eos_token_id] if add_eos else [])

@@ -1,0 +1,77 @@
+"""The fast inference path gives the eager path's answers on the trained checkpoint, token for token.
+
+Fast = fused q/k/v projections, fixed-shape decoding over the whole cache (what a CUDA graph replays) and, on a
+GPU, the graphs themselves with the Triton kernels and bf16. The answers are the reference's (trained.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kosmos2_cli.generate as generation
+from kosmos2_cli import Kosmos2ForConditionalGeneration
+
+trained = pytest.importorskip("trained")
+
+DEVICES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=DEVICES, ids=lambda d: f"{d[0]}-{str(d[1]).split('.')[-1]}")
+def models(request, trained_dir):
+    device, dtype = request.param
+    plain = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype)
+    fast = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype)
+    fast.fuse_for_inference()
+    return plain, fast
+
+
+@pytest.fixture
+def fixed_shape(monkeypatch):
+    """On the CPU, make decoders attend over their whole fixed-size cache, as a CUDA graph does."""
+    original = generation.Decoder.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.static = True
+
+    monkeypatch.setattr(generation.Decoder, "__init__", init)
+
+
+def _answers(model, lessons):
+    out = []
+    for lesson in lessons:
+        inputs = trained.prompt_inputs(lesson)
+        ids = model.generate(**inputs, max_new_tokens=trained.MAX_NEW_TOKENS)
+        out.append(ids[0].tolist())
+    return out
+
+
+@torch.no_grad()
+def test_fast_path_answers_every_lesson_like_the_eager_path(models, fixed_shape):
+    plain, fast = models
+    fast.__dict__.pop("_decoders", None)
+    want = [trained.expected(lesson).ids for lesson in trained.LESSONS]
+    assert _answers(plain, trained.LESSONS) == want
+    assert _answers(fast, trained.LESSONS) == want
+    decoders = fast.__dict__.get("_decoders", {})
+    assert decoders and all(d.static for d in decoders.values())
+
+
+@torch.no_grad()
+def test_fast_path_batches_lessons_of_different_lengths(models, fixed_shape, trained_dir):
+    """Several prompts at once (left-aligned, padding masked): each row answers as it does alone."""
+    from PIL import Image
+
+    from kosmos2_cli import Kosmos2Processor
+
+    _, fast = models
+    lessons = [lesson for lesson in trained.LESSONS if lesson.task in ("ground", "ask")][:6]
+    processor = Kosmos2Processor.from_pretrained(trained_dir)
+    batch = processor(text=[lesson.prompt for lesson in lessons], images=[Image.open(lesson.path) for lesson in
+                                                                          lessons], return_tensors="pt")
+    ids = fast.generate(**batch, max_new_tokens=trained.MAX_NEW_TOKENS)
+    prompt = batch["input_ids"].shape[1]
+    for row, lesson in zip(ids.tolist(), lessons, strict=True):
+        answer = [t for t in row[prompt:] if t != 1]
+        assert answer == trained.expected(lesson).answer_ids, lesson.key
