@@ -56,6 +56,17 @@ def test_tensors_are_views_of_one_map_and_survive_release(tensors, tmp_path):
     assert torch.equal(load_file(str(path))["a.weight"], tensors["a.weight"])
 
 
+def test_release_view_finds_the_map(tensors, tmp_path):
+    from kosmos2_cli.safetensors_mmap import release_view
+
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    view = MappedSafetensors(path).tensor("a.weight")  # the file object is gone; the view keeps the map
+    assert release_view(view)
+    assert torch.equal(view, tensors["a.weight"])
+    assert not release_view(torch.randn(1000))
+
+
 def test_keys_follow_the_file(tensors, tmp_path):
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path))

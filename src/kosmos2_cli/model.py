@@ -180,11 +180,17 @@ class Attention(nn.Module):
             return
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        replaced = [proj.weight for proj in (self.q_proj, self.k_proj, self.v_proj)]
         for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
             rows = slice(i * weight.shape[1], (i + 1) * weight.shape[1])
             proj.weight = nn.Parameter(weight[rows], requires_grad=False)
             proj.bias = nn.Parameter(bias[rows], requires_grad=False)
         self.qkv = (weight, bias)
+        if weight.device.type == "cpu":
+            from kosmos2_cli.safetensors_mmap import release_view
+
+            for old in replaced:  # views of a memory-mapped checkpoint: hand their pages back (no double RSS)
+                release_view(old)
 
     def forward(
         self,

@@ -12,6 +12,7 @@ import json
 import mmap
 import os
 import struct
+import weakref
 from pathlib import Path
 
 import torch
@@ -24,6 +25,29 @@ _DTYPES = {
 _MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
 _FAULT_AROUND = 256 * 1024
+
+
+# Every open map, by address range, so a tensor that will no longer be read can hand its pages back
+# (release_view) after its file object is gone; weak, so a map closes once no tensor views it.
+_MAPS: list[tuple[int, int, weakref.ref]] = []
+
+
+def release_view(tensor: torch.Tensor) -> bool:
+    """Drop the pages under `tensor` if it is a view of one of our maps (True); for tensors about to be
+    discarded, e.g. weights a fused copy replaces. Pages come back from the file if the view is read again."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    _MAPS[:] = [entry for entry in _MAPS if entry[2]() is not None]
+    for base, length, ref in _MAPS:
+        mapped = ref()
+        if mapped is not None and base <= start and end <= base + length and tensor.is_contiguous():
+            # Whole pages inside the view only: a neighbour sharing a page may have been written to.
+            first = -(-(start - base) // _PAGE) * _PAGE
+            last = (end - base) // _PAGE * _PAGE
+            if last > first:
+                mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+            return True
+    return False
 
 
 class SafetensorsFormatError(ValueError):
@@ -55,6 +79,8 @@ class MappedSafetensors:
         self._entries = {key: self._check(key, entry, size - self._data_start) for key, entry in header.items()}
         self._base = torch.frombuffer(self._map, dtype=torch.uint8, count=1).data_ptr() if size else 0
         self._dropped: list[tuple[int, int]] = []
+        if size:
+            _MAPS.append((self._base, size, weakref.ref(self._map)))
 
     @staticmethod
     def _check(key: str, entry: object, data_size: int) -> tuple[torch.dtype, tuple[int, ...], int, int]:
