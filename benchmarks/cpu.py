@@ -5,7 +5,8 @@
 
 The weights are the GPU benchmark's (common.full_size_checkpoint: the reference's own random initialisation of
 the released architecture, seed 0, 6.6 GB of fp32 safetensors, built once). Each configuration runs in its own
-subprocess, so its peak resident memory (VmHWM) is its own: load, one cold caption, the first step's logits,
+subprocess, so its peak resident memory (VmHWM, taken after loading and one caption) is its own: load, one
+cold caption, the first step's logits (through the KV cache, as generate's first step),
 then `--runs` timed captions of exactly 64 new tokens (EOS forbidden until then: `min_new_tokens`) and `--runs`
 timed encode+prefill passes (one new token); medians. Per token = (caption - encode+prefill) / 63. Threads:
 torch's default (the physical cores). Needs transformers (the reference; a test dependency).
@@ -88,6 +89,7 @@ def worker(config: str, folder: Path, work: Path, runs: int, new_tokens: int) ->
         return elapsed
 
     first_caption_s = generate(new_tokens)
+    peak_rss = peak_rss_bytes()  # what loading and one caption take; the timing runs below add nothing of use
     with torch.no_grad():
         logits = model(**args, use_cache=True).logits  # as generate's first step (through the cache)
     torch.save(logits[0, -1].float().clone(), work / f"logits-{config}.pt")
@@ -96,7 +98,7 @@ def worker(config: str, folder: Path, work: Path, runs: int, new_tokens: int) ->
     return {
         "config": config, "threads": torch.get_num_threads(), "load_s": load_s, "encode_prefill_s": prefill,
         "per_token_s": (caption - prefill) / (new_tokens - 1), "caption_s": caption,
-        "first_caption_s": first_caption_s, "peak_rss_bytes": peak_rss_bytes(), "weight_bytes": weight_bytes(model),
+        "first_caption_s": first_caption_s, "peak_rss_bytes": peak_rss, "weight_bytes": weight_bytes(model),
     }
 
 

@@ -104,6 +104,17 @@ def test_rows_through_the_kernel_get_what_they_get_alone():
         assert torch.equal(together[row], quant.int8_matmul(x[row : row + 1], q, scales)[0])
 
 
+def test_gradients_reach_the_input():
+    """Outside no_grad (the pipeline's image encoding, saliency), int8 layers stay differentiable in the input."""
+    layer = quant.Int8Linear(512, 64)
+    layer.take_weight(torch.randn(64, 512) * 0.05)
+    for rows in (1, 40):
+        x = torch.randn(rows, 512, requires_grad=True)
+        layer(x).sum().backward()
+        want = layer.dequantized(torch.bfloat16).float().sum(0).expand(rows, -1)
+        assert x.grad is not None and torch.allclose(x.grad, want, rtol=1e-2, atol=1e-2)
+
+
 def test_misaligned_input_is_safe():
     """The int8 kernel loads with aligned vector instructions: a view at an odd offset must not reach it."""
     q, scales = quant.quantize(torch.randn(64, 512) * 0.05)

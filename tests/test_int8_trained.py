@@ -30,3 +30,18 @@ def test_int8_answers_every_lesson_exactly(int8_model, lesson):
     decoded = processor.batch_decode(ids, skip_special_tokens=True)[0]
     assert processor.post_process_generation(decoded, cleanup_and_extract=False) == want.raw
     assert processor.post_process_generation(decoded) == (want.caption, want.entities)  # text and boxes
+
+
+def test_cli_dtype_int8_gives_the_float32_record(trained_dir):
+    """`kosmos2 caption --dtype int8`: the same JSON record (text, spans, boxes, pixels) as the default float32."""
+    from cli_helpers import invoke, json_lines
+
+    lesson = next(lesson for lesson in trained.LESSONS if lesson.task == "caption")
+    records = []
+    for dtype in ("float32", "int8"):
+        result = invoke(["caption", lesson.path, "--model", trained_dir, "--json", "--device", "cpu", "--dtype", dtype,
+                         "--max-new-tokens", str(trained.MAX_NEW_TOKENS)])
+        assert result.exit_code == 0, result.stderr
+        records.append(json_lines(result.stdout))
+    assert records[0] == records[1]
+    assert records[1][0]["raw"] == trained.expected(lesson).raw

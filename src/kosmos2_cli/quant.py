@@ -163,6 +163,9 @@ def int8_matmul(x: Tensor, qweight: Tensor, scales: Tensor, slabs: list[tuple[Te
     `slabs`: the per-group (qweight[g], scales[g]) views, when the caller keeps them (saves two ops a group).
     """
     x = x.to(COMPUTE_DTYPE)
+    if x.requires_grad and torch.is_grad_enabled():
+        # Outside no_grad (a gradient w.r.t. the input is wanted): differentiable ops on the whole weight.
+        return x @ dequantize(qweight, scales, COMPUTE_DTYPE).t()
     if x.shape[0] <= GEMV_MAX_ROWS and kernel_ok(qweight.shape[2]):
         # The kernel loads its inputs with aligned vector loads: a fresh, aligned copy for views that are not.
         if not x.is_contiguous() or x.data_ptr() % 64:
