@@ -78,9 +78,10 @@ def _buffer(name: str, numel: int, dtype: torch.dtype, device: torch.device | st
 
 
 def free_scratch(name: str) -> None:
-    """Drop this thread's scratch block `name` (the loader's, once the model is in)."""
-    getattr(_scratch, "buffers", {}).pop(next((k for k in getattr(_scratch, "buffers", {}) if k[0] == name), None),
-                                        None)
+    """Drop this thread's scratch blocks called `name` (the loader's, once the model is in)."""
+    buffers = getattr(_scratch, "buffers", {})
+    for key in [key for key in buffers if key[0] == name]:
+        del buffers[key]
 
 
 def quantize(weight: Tensor, group_size: int | None = None, release: Release | None = None,
@@ -106,7 +107,7 @@ def quantize(weight: Tensor, group_size: int | None = None, release: Release | N
     scratch = _buffer("quantize", min(step, rows) * cols, torch.float32, weight.device)
     for start in range(0, rows, step):
         source = weight[start : start + step]
-        grouped = source.view(len(source), groups, size)
+        grouped = source.reshape(len(source), groups, size)
         low, high = torch.aminmax(grouped, dim=2)
         scale = bf16_scales(torch.maximum(high.float(), low.float().neg_()))
         block = scratch[: source.numel()].view(grouped.shape)
