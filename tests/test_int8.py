@@ -264,3 +264,16 @@ def test_pipeline_takes_int8(checkpoint):
     assert quant.is_quantized(kosmos.model)
     result = kosmos.caption(IMAGES / "snowman.png", max_new_tokens=6)
     assert result.text.startswith("An image of")
+
+
+def test_base_model_takes_int8_too(checkpoint):
+    """Kosmos2Model (hidden states, no head) quantizes the same way; its hidden states stay close to float32."""
+    from kosmos2_cli import Kosmos2Model
+
+    batch = prompt()
+    with torch.no_grad():
+        want = Kosmos2Model.from_pretrained(checkpoint)(**batch).last_hidden_state
+        model = Kosmos2Model.from_pretrained(checkpoint, dtype="int8")
+        assert quant.is_quantized(model)
+        got = model(**batch).last_hidden_state
+    assert relative_error(got, want) < 0.03
