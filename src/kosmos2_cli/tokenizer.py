@@ -346,6 +346,9 @@ def _to_list(values: Any) -> Any:
     if hasattr(values, "tolist"):
         return values.tolist()
     if isinstance(values, (list, tuple)):
+        if all(type(v) is int for v in values) or all(type(v) is list and all(type(i) is int for i in v)
+                                                      for v in values):
+            return values if isinstance(values, list) else list(values)  # already plain: no per-item calls
         return [_to_list(v) for v in values]
     return values
 
