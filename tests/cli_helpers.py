@@ -160,3 +160,10 @@ def quick(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["off", "on"], ids=["sequential", "pipelined"])
+def both_pipelines(request, monkeypatch):
+    """Run a test with batches one after the other, and with the next batch's model work on a thread of its own
+    while the previous one finishes (what a GPU run does)."""
+    monkeypatch.setenv("KOSMOS2_PIPELINE", request.param)

@@ -14,6 +14,7 @@ import pytest
 from cli_helpers import (
     FAST,
     bomb_png,
+    both_pipelines,  # noqa: F401  (fixture)
     invoke,
     kosmos2_command,
     not_an_image,
@@ -198,19 +199,20 @@ def test_foreign_output_file_is_left_alone(model, mixed, tmp_path):
     assert notes.read_text() == "not json\n"
 
 
+@pytest.mark.usefixtures("both_pipelines")
 def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
     import torch
 
     from kosmos2_cli.engine import PipelineEngine
 
-    infer = PipelineEngine.infer
+    start = PipelineEngine.start
 
     def tight(self, batch, spec):
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return infer(self, batch, spec)
+        return start(self, batch, spec)
 
-    monkeypatch.setattr(PipelineEngine, "infer", tight)
+    monkeypatch.setattr(PipelineEngine, "start", tight)
     out = tmp_path / "out.jsonl"
     result = batch(model, mixed, "-o", out, "-t", "caption", "--batch-size", "4")
     assert "out of device memory with 4 images per batch; going on with 2" in result.stderr
@@ -218,10 +220,11 @@ def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+@pytest.mark.usefixtures("both_pipelines")
 def test_interrupt_in_process_keeps_whole_lines(model, mixed, tmp_path, monkeypatch, signal_name):
     from kosmos2_cli.engine import PipelineEngine
 
-    infer = PipelineEngine.infer
+    start = PipelineEngine.start
     calls = []
 
     def interrupted_on_third(self, batch, spec):
@@ -229,15 +232,15 @@ def test_interrupt_in_process_keeps_whole_lines(model, mixed, tmp_path, monkeypa
         if len(calls) == 3:
             os.kill(os.getpid(), getattr(signal, signal_name))  # a real signal, handled in this process
             time.sleep(1)
-        return infer(self, batch, spec)
+        return start(self, batch, spec)
 
-    monkeypatch.setattr(PipelineEngine, "infer", interrupted_on_third)
+    monkeypatch.setattr(PipelineEngine, "start", interrupted_on_third)
     out = tmp_path / "out.jsonl"
     result = batch(model, mixed, "-o", out, "-t", "caption", "--batch-size", "1")
     assert result.exit_code == (ExitCode.TERMINATED if signal_name == "SIGTERM" else ExitCode.INTERRUPTED)
     written = lines(out)
     assert f"interrupted: {len(written)} of 7 images are in {out}" in " ".join(result.stderr.split())
-    monkeypatch.setattr(PipelineEngine, "infer", infer)
+    monkeypatch.setattr(PipelineEngine, "start", start)
     batch(model, mixed, "-o", out, "-t", "caption")
     assert set(by_image(lines(out), mixed)) == GOOD | set(BAD)
 

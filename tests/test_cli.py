@@ -11,6 +11,7 @@ import pytest
 from cli_helpers import (
     FAST,
     bomb_png,
+    both_pipelines,  # noqa: F401  (fixture)
     invoke,
     json_lines,
     not_an_image,
@@ -304,21 +305,22 @@ def test_one_bad_image_does_not_stop_the_others(model, pics):
     _one_line_error(result, ExitCode.FAILED, "1 of 3 images failed")
 
 
+@pytest.mark.usefixtures("both_pipelines")
 def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
     import torch
 
     from kosmos2_cli.engine import PipelineEngine
 
     sizes = []
-    infer = PipelineEngine.infer
+    start = PipelineEngine.start
 
     def tight(self, batch, spec):
         sizes.append(len(batch))
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return infer(self, batch, spec)
+        return start(self, batch, spec)
 
-    monkeypatch.setattr(PipelineEngine, "infer", tight)
+    monkeypatch.setattr(PipelineEngine, "start", tight)
     result = kosmos2(model, "caption", pics["a"], pics["b"], pics["rotated"], "--json", "--batch-size", "4")
     assert result.exit_code == 0
     assert len(json_lines(result.stdout)) == 3
@@ -326,23 +328,25 @@ def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
     assert "out of device memory with 3 images per batch; going on with 1" in result.stderr
 
 
+@pytest.mark.usefixtures("both_pipelines")
 def test_ctrl_c_exits_130_without_traceback(model, pics, monkeypatch):
     from kosmos2_cli.engine import PipelineEngine
 
     def interrupted(self, batch, spec):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PipelineEngine, "infer", interrupted)
+    monkeypatch.setattr(PipelineEngine, "start", interrupted)
     _one_line_error(kosmos2(model, "caption", pics["a"]), ExitCode.INTERRUPTED, "interrupted")
 
 
+@pytest.mark.usefixtures("both_pipelines")
 def test_unexpected_errors_say_so_and_debug_shows_them(model, pics, monkeypatch):
     from kosmos2_cli.engine import PipelineEngine
 
     def broken(self, batch, spec):
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setattr(PipelineEngine, "infer", broken)
+    monkeypatch.setattr(PipelineEngine, "start", broken)
     _one_line_error(kosmos2(model, "caption", pics["a"]), ExitCode.INTERNAL, "unexpected ZeroDivisionError: oops",
                     "--debug")
     debug = kosmos2(model, "caption", pics["a"], "--debug")

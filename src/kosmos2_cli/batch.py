@@ -113,6 +113,7 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
         summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
     finally:
         summary.seconds = time.perf_counter() - start
+        summary.processed, summary.failed = results.appended()
         if painter is not None:
             painter.shutdown(wait=True)
             for future in drawings:

@@ -119,6 +119,13 @@ class PipelineEngine:
                 self.on_load(False)
         return self._kosmos
 
+    @property
+    def on_gpu(self) -> bool:
+        """Will the model run on a GPU (without loading it: `auto` means CUDA when present)?"""
+        import torch
+
+        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+
     def prepare(self, name: str, spec: TaskSpec) -> Prepared:
         return prepare_image(self.processor.image_processor, name, spec)
 
@@ -127,15 +134,24 @@ class PipelineEngine:
         return _init_worker, (self.folder,)
 
     def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
+        return self.finish(self.start(batch, spec), spec)
+
+    def start(self, batch: Sequence[Prepared], spec: TaskSpec):
+        """The device's half of `infer` (image encoder, generation): may run on a thread of its own while the
+        previous batch `finish`es."""
         import numpy as np
         import torch
 
         kosmos = self.kosmos
         embeds = kosmos.encode_pixels(torch.from_numpy(np.concatenate([item.inputs for item in batch])))
         jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
-        results = kosmos.run([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
-        per_image: list[list[Result]] = [[] for _ in batch]
-        for job, result in zip(jobs, results, strict=True):
+        return len(batch), kosmos.start([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
+
+    def finish(self, started, spec: TaskSpec) -> list[Result]:
+        """The CPU half of `infer`: decoding, post-processing, one record per image."""
+        count, pending = started
+        per_image: list[list[Result]] = [[] for _ in range(count)]
+        for job, result in zip(pending.jobs, self.kosmos.finish(pending), strict=True):
             per_image[job.image_index].append(result)
         return [spec.record(rows) for rows in per_image]
 

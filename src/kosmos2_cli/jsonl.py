@@ -48,6 +48,15 @@ class ResultsFile:
         except BaseException:
             os.close(self._fd)
             raise
+        self._start = os.fstat(self._fd).st_size
+
+    def appended(self) -> tuple[int, int]:
+        """(records, error records) this run has written, read back from the file: exact even when an interrupt
+        came between a write and the bookkeeping after it."""
+        end = os.fstat(self._fd).st_size
+        data = os.pread(self._fd, end - self._start, self._start)
+        lines = data.splitlines()
+        return len(lines), sum(b'"error"' in line and "error" in json.loads(line) for line in lines)
 
     def _lock(self) -> None:
         try:

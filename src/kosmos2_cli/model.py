@@ -7,6 +7,7 @@ so the released safetensors load without renaming.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -397,7 +398,11 @@ class TextTransformer(nn.Module):
         self.embed_scale = math.sqrt(config.embed_dim) if config.scale_embedding else 1.0
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
-        table = sinusoidal_table(config.max_position_embeddings + 2, config.embed_dim, config.pad_token_id)
+        rows = config.max_position_embeddings + 2
+        if torch.empty(0).is_meta:  # built for loading: the table is made on the target device afterwards
+            table = torch.empty(rows, config.embed_dim)
+        else:
+            table = sinusoidal_table(rows, config.embed_dim, config.pad_token_id)
         self.register_buffer("embed_positions", table, persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
         self.layer_norm = LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
@@ -533,6 +538,21 @@ def causal_lm_loss(
     return total / num_items_in_batch
 
 
+@contextmanager
+def _no_init():
+    """Build modules without initialising their weights: the checkpoint overwrites them anyway, and on the meta
+    device PyTorch's init functions go through its decompositions, which import torch._dynamo (seconds)."""
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.Conv2d)
+    saved = [cls.reset_parameters for cls in classes]
+    for cls in classes:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in zip(classes, saved, strict=True):
+            cls.reset_parameters = reset
+
+
 class Kosmos2PreTrainedModel(nn.Module):
     """Loading and saving shared by both model classes (hub layout, safetensors only)."""
 
@@ -562,7 +582,7 @@ class Kosmos2PreTrainedModel(nn.Module):
         target = resolve_device(device)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
         quantized = target_dtype == torch.int8
-        with torch.device("meta"):
+        with torch.device("meta"), _no_init():
             model = cls(config)
             if quantized:
                 from kosmos2_cli.quant import quantize_modules

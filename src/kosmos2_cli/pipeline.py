@@ -42,6 +42,15 @@ class GenerationOptions:
 
 
 @dataclass
+class Started:
+    """A batch whose tokens are generated and not yet turned into results (see `Kosmos2.start`)."""
+
+    images: list[tuple[str, Any]]
+    jobs: list[Job]
+    groups: list[tuple[list[int], list[list[int]], list[list[int]]]]  # (job indices, prompt ids, all ids)
+
+
+@dataclass
 class Job:
     """One prompt for one image; `image_index` says which picture of the batch it reads."""
 
@@ -125,28 +134,46 @@ class Kosmos2:
 
         return str(item), load_image(item)
 
-    @torch.no_grad()
     def run(self, images: Sequence[tuple[str, Image.Image]], jobs: Sequence[Job], image_embeds=None,
             **options) -> list[Result]:
         """Run `jobs` over `images`: each image is encoded once, then the prompts decode as batches.
 
         `image_embeds` (one row per image) skips the image encoder, e.g. when the caller encoded ahead.
         """
+        return self.finish(self.start(images, jobs, image_embeds, **options))
+
+    @torch.no_grad()
+    def start(self, images: Sequence[tuple[str, Image.Image]], jobs: Sequence[Job], image_embeds=None,
+              **options) -> Started:
+        """The model's half of `run` (image encoder, generation), up to token ids on the host. A caller may
+        `finish` one batch on the CPU while the next one `start`s on the device."""
         opts = GenerationOptions(**{**self.options.__dict__, **options})
         jobs = [self._with_refer_prompt(job, images[job.image_index][1]) for job in jobs]
         if image_embeds is None:
             image_embeds = self.encode_images([image for _, image in images])
-        results: dict[int, Result] = {}
-        # `ground` rows stop at their first </object>; other tasks must not, so they decode apart.
+        groups = []
+        # `ground` rows stop at their first </object>; other tasks must not, so they generate apart.
         for grounding in (False, True):
             picked = [i for i, job in enumerate(jobs) if (job.task == "ground") == grounding]
             if picked:
-                decoded = self._decode([jobs[i] for i in picked], [im for _, im in images], image_embeds, opts,
-                                       grounding)
-                for i, (text, prompt_text) in zip(picked, decoded, strict=True):
-                    name, image = images[jobs[i].image_index]
-                    results[i] = self._result(jobs[i], name, image, text, prompt_text)
-        return [results[i] for i in range(len(jobs))]
+                prompt_ids, all_ids = self._generate([jobs[i] for i in picked], [im for _, im in images],
+                                                     image_embeds, opts, grounding)
+                groups.append((picked, prompt_ids, all_ids))
+        return Started(list(images), jobs, groups)
+
+    def finish(self, started: Started) -> list[Result]:
+        """The CPU half of `run`: token ids to text, post-processing, results in the order of the jobs."""
+        results: dict[int, Result] = {}
+        decode = self.processor.batch_decode
+        for picked, prompt_ids, all_ids in started.groups:
+            full = decode(all_ids, skip_special_tokens=True)
+            # The prompt as the tokenizer gives it back (normalized like the answer), to cut it off exactly.
+            asked = decode(prompt_ids, skip_special_tokens=True)
+            for i, text, prompt_text in zip(picked, full, asked, strict=True):
+                job = started.jobs[i]
+                name, image = started.images[job.image_index]
+                results[i] = self._result(job, name, image, text, prompt_text)
+        return [results[i] for i in range(len(started.jobs))]
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Pixel values, one row per image: CPU work that needs no model, so callers may run it on threads."""
@@ -162,9 +189,9 @@ class Kosmos2:
         """Image embeddings for the decoder, one row per image."""
         return self.encode_pixels(self.preprocess(images))
 
-    def _decode(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
-                opts: GenerationOptions, grounding: bool) -> list[tuple[str, str]]:
-        """(decoded prompt + answer, decoded prompt) per job."""
+    def _generate(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
+                  opts: GenerationOptions, grounding: bool) -> tuple[list[list[int]], list[list[int]]]:
+        """(prompt ids, prompt + answer ids) per job, as host lists."""
         batch = self.processor(
             text=[job.prompt for job in jobs], images=[images[job.image_index] for job in jobs], pixels=False,
             num_image_tokens=self.model.config.latent_query_num, return_tensors="pt",
@@ -176,10 +203,7 @@ class Kosmos2:
             image_embeds=image_embeds.index_select(0, rows),
             image_embeds_position_mask=batch["image_embeds_position_mask"], stop_token_ids=stop, **opts.kwargs(),
         )
-        full = self.processor.batch_decode(generated, skip_special_tokens=True)
-        # The prompt as the tokenizer gives it back (normalized like the answer), to cut it off the text exactly.
-        asked = self.processor.batch_decode(batch["input_ids"], skip_special_tokens=True)
-        return list(zip(full, asked, strict=True))
+        return batch["input_ids"].tolist(), generated.tolist()
 
     def _with_refer_prompt(self, job: Job, image: Image.Image) -> Job:
         if job.task != "refer" or job.prompt:

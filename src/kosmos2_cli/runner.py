@@ -99,8 +99,14 @@ class Runner:
                                    initializer=initializer, initargs=args)
 
     def run(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
-        """(outcome, upright image or None for a failure) in the order of `names`, as soon as its batch is done."""
+        """(outcome, upright image or None for a failure) in the order of `names`, as soon as its batch is done.
+
+        With an engine that splits `infer` into `start` (the device's half) and `finish` (the CPU's), batch k+1
+        starts on a model thread while batch k finishes here: the device does not wait for decoding and writing.
+        """
         pool = self._pool()
+        device = _ModelThread() if _pipelined(self.engine) else None
+        in_flight = None
         pending: deque[Future] = deque()
         upcoming = iter(names)
 
@@ -123,10 +129,44 @@ class Runner:
                 refill()
                 ready = sum(isinstance(item, Prepared) for item in window)
                 if ready >= self.batch_size or not pending or ready == 0:
-                    yield from self._flush(window)
+                    if device is None:
+                        yield from self._flush(window)
+                    else:
+                        started = self._start(device, window)
+                        if in_flight is not None:
+                            yield from self._finish(device, *in_flight)
+                        in_flight = started
                     window = []
+            if in_flight is not None:
+                yield from self._finish(device, *in_flight)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+            if device is not None:
+                device.close()
+
+    def _start(self, device: _ModelThread, window: list[Prepared | Failure]):
+        batch = [item for item in window if isinstance(item, Prepared)]
+        future = device.submit(self.engine.start, batch, self.spec) if batch else None
+        return window, batch, future
+
+    def _finish(self, device: _ModelThread, window: list[Prepared | Failure], batch: list[Prepared],
+                future: Future | None) -> Iterator[tuple[Outcome, Image.Image | None]]:
+        outcomes: list[Outcome] = []
+        if future is not None:
+            try:
+                outcomes = self.engine.finish(future.result(), self.spec)
+            except Exception as err:
+                if not is_out_of_memory(err):
+                    raise
+                # Split and retry on the model thread, so device work stays one call at a time.
+                outcomes = device.submit(self._infer, batch, err).result()
+        done = iter(outcomes)
+        for item in window:
+            if isinstance(item, Failure):
+                yield item, None
+            else:
+                outcome = next(done)
+                yield outcome, (item.image if isinstance(outcome, Result) else None)
 
     def _flush(self, window: list[Prepared | Failure]) -> Iterator[tuple[Outcome, Image.Image | None]]:
         batch = [item for item in window if isinstance(item, Prepared)]
@@ -138,13 +178,18 @@ class Runner:
                 outcome = next(done)
                 yield outcome, (item.image if isinstance(outcome, Result) else None)
 
-    def _infer(self, batch: list[Prepared]) -> list[Outcome]:
+    def _infer(self, batch: list[Prepared], failed: BaseException | None = None) -> list[Outcome]:
+        """Outcomes of `batch`, splitting it while the device runs out of memory. `failed`: the first attempt, at
+        the whole batch, already did."""
         outcomes: list[Outcome] = []
         start = 0
         while start < len(batch):
-            size = min(self.batch_size, len(batch) - start)
+            size = len(batch) if failed is not None else min(self.batch_size, len(batch) - start)
             chunk = batch[start : start + size]
             try:
+                if failed is not None:
+                    failed, err = None, failed
+                    raise err
                 outcomes += self.engine.infer(chunk, self.spec)
             except Exception as err:
                 if not is_out_of_memory(err):
@@ -164,3 +209,59 @@ class Runner:
                 continue
             start += size
         return outcomes
+
+
+def _pipelined(engine: Engine) -> bool:
+    """Overlap batches (model thread + this one) where the engine allows it and it pays: on a GPU, where the
+    device would otherwise wait for decoding and writing. KOSMOS2_PIPELINE=on|off overrides."""
+    if not (hasattr(engine, "start") and hasattr(engine, "finish")):
+        return False
+    forced = os.environ.get("KOSMOS2_PIPELINE", "").strip().lower()
+    if forced in ("on", "off"):
+        return forced == "on"
+    return bool(getattr(engine, "on_gpu", False))
+
+
+class _ModelThread:
+    """One thread that runs the model's calls in order. `close` stops it between two decoding steps (an
+    interrupt raised in the thread) and waits for it: the process never exits with the model mid-call."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="kosmos2-model")
+        self._thread.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        import ctypes
+
+        self._calls.put(None)
+        if self._busy:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self._thread.ident),
+                                                       ctypes.py_object(KeyboardInterrupt))
+        self._thread.join()
+
+    _busy = False
+
+    def _serve(self) -> None:
+        try:
+            while (call := self._calls.get()) is not None:
+                future, fn, args = call
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self._busy = True
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # handed to the waiting caller
+                    future.set_exception(err)
+                finally:
+                    self._busy = False
+        except KeyboardInterrupt:  # `close` interrupted an idle moment: nothing to hand over
+            pass

@@ -94,6 +94,7 @@ class Kosmos2Tokenizer:
         self._added_pattern = re.compile("|".join(re.escape(t) for t in sorted(every, key=len, reverse=True)))
         self._word_cache: dict[str, list[int]] = {}
         self._encoded: dict[str, tuple[int, ...]] = {}
+        self._tokens: list[str] | None = None
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Kosmos2Tokenizer:
@@ -323,15 +324,21 @@ class Kosmos2Tokenizer:
         return [self._decode_one(seq, skip_special_tokens) for seq in sequences]
 
     def _decode_one(self, ids: list[int], skip_special_tokens: bool) -> str:
-        parts = []
-        for index in ids:
-            if skip_special_tokens and index in self.all_special_ids:
-                continue
-            token = self._id_to_token(int(index))
-            if token is None:
-                continue
-            parts.append(token.replace(_METASPACE, "" if not parts else " "))
-        return "".join(parts)
+        table = self._id_table()
+        if ids and min(ids) < 0:
+            raise ValueError(f"token id {min(ids)} is negative")
+        skip = self.all_special_ids if skip_special_tokens else ()
+        tokens = [table[i] for i in ids if i < len(table) and i not in skip]  # ids past the vocabulary: dropped
+        if not tokens:
+            return ""
+        # The first piece's "▁" is the dummy prefix (dropped); the others' are spaces. Tags hold no "▁".
+        return tokens[0].replace(_METASPACE, "") + "".join(tokens[1:]).replace(_METASPACE, " ")
+
+    def _id_table(self) -> list[str]:
+        """Every id's token, for decoding by list lookups (a batch job decodes two sequences per image)."""
+        if self._tokens is None:
+            self._tokens = [self._id_to_token(i) for i in range(len(self))]
+        return self._tokens
 
 
 def _to_list(values: Any) -> Any:
@@ -339,6 +346,9 @@ def _to_list(values: Any) -> Any:
     if hasattr(values, "tolist"):
         return values.tolist()
     if isinstance(values, (list, tuple)):
+        if all(type(v) is int for v in values) or all(type(v) is list and all(type(i) is int for i in v)
+                                                      for v in values):
+            return values if isinstance(values, list) else list(values)  # already plain: no per-item calls
         return [_to_list(v) for v in values]
     return values
 
