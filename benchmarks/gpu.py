@@ -279,6 +279,29 @@ def main() -> None:
         print(table, flush=True)
         results[f"profile_step_table_{n}"] = table
 
+    def profile_encode(n: int):
+        """Which kernels the image encoder and the prefill spend their time in, at batch n."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from kosmos2_cli.generate import Decoder
+
+        model, inputs = state["ours"], batch_of(n)
+        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        with torch.no_grad():
+            embeds = model.get_image_features(inputs["pixel_values"])
+            decoder = Decoder.for_model(model, n, ids.shape[1] + NEW_TOKENS, device)
+            prompt = (ids, valid, embeds, inputs["image_embeds_position_mask"])
+            decoder.prefill(*prompt)
+            sync()
+            for name, fn in (("vision", lambda: model.get_image_features(inputs["pixel_values"])),
+                             ("prefill", lambda: decoder.prefill(*prompt))):
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    sync()
+                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+                print(name, n, table, flush=True)
+                results[f"profile_{name}_table_{n}"] = table
+
     def gemv_bandwidth():
         """Achieved bandwidth of F.linear at one row for each weight shape of the decoder (graph-replayed)."""
         rows = {}
@@ -384,12 +407,24 @@ def main() -> None:
                    str(folder), "--max-new-tokens", str(NEW_TOKENS), "--batch-size", str(args.batch_size_e2e),
                    "--json", "--quiet"]
         t0 = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True)
+        done = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        progress = []  # (seconds, records written): the steady rate, apart from start-up and model load
+        while done.poll() is None:
+            time.sleep(0.1)
+            if out.exists():
+                progress.append((time.perf_counter() - t0, out.read_bytes().count(b"\n")))
         wall = time.perf_counter() - t0
+        stdout, stderr = done.communicate()
         lines = out.read_text().splitlines() if out.exists() else []
-        summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+        summary = stdout.strip().splitlines()[-1] if stdout.strip() else stderr[-2000:]
+
+        def at(fraction: float) -> tuple[float, int]:
+            return next(p for p in progress if p[1] >= fraction * args.e2e)
+
+        (t_a, n_a), (t_b, n_b) = at(0.1), at(0.9)
         results["e2e"] = {"images": args.e2e, "records": len(lines), "wall_s": wall, "exit": done.returncode,
-                          "images_per_s_wall": len(lines) / wall, "summary": summary}
+                          "images_per_s_wall": len(lines) / wall, "first_record_s": at(1 / args.e2e)[0],
+                          "images_per_s_steady": (n_b - n_a) / (t_b - t_a), "summary": summary}
         print("e2e", results["e2e"], flush=True)
         if profile and profile.exists():
             import io
@@ -407,6 +442,7 @@ def main() -> None:
         section("profile generate", results, profile_generate)
         section("profile step 1", results, lambda: profile_step(1))
         section("profile step 256", results, lambda: profile_step(256))
+        section("profile encode 256", results, lambda: profile_encode(256))
         section("gemv", results, gemv_bandwidth) if not args.quick else None
     section("kernels", results, kernels_check)
     section("fast vs plain", results, fast_vs_plain)

@@ -104,3 +104,71 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: t
         HEAD=head_dim, BLOCK=64, num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, valid_ptr, used_ptr, out_ptr,
+                                    q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                                    slot_sb, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
+                                    BLOCK: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    dims = tl.arange(0, HEAD)
+    here = tl.load(slot_ptr + b * slot_sb)
+    # This step's key and value go into the cache (what a separate scatter did) and are used from registers.
+    k_new = tl.load(kn_ptr + b * kn_sb + h * kn_sh + dims).to(k_ptr.dtype.element_ty)
+    v_new = tl.load(vn_ptr + b * vn_sb + h * vn_sh + dims).to(v_ptr.dtype.element_ty)
+    tl.store(k_ptr + b * k_sb + h * k_sh + here * k_ss + dims, k_new)
+    tl.store(v_ptr + b * v_sb + h * v_sh + here * v_ss + dims, v_new)
+    length = tl.minimum(tl.load(used_ptr + b), capacity)
+    q = tl.load(q_ptr + b * q_sb + h * q_sh + dims).to(tl.float32) * scale
+    best = tl.full((), -1.0e30, tl.float32)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((HEAD,), tl.float32)
+    for start in range(0, length, BLOCK):
+        slots = start + tl.arange(0, BLOCK)
+        inside = slots < length
+        # Keys, values and the valid flags load at once (masking the loads by the flags would wait for them).
+        ok = (tl.load(valid_ptr + b * valid_sb + slots, mask=inside, other=0) != 0) & (slots != here)
+        k = tl.load(k_ptr + b * k_sb + h * k_sh + slots[:, None] * k_ss + dims[None, :], mask=inside[:, None],
+                    other=0.0)
+        v = tl.load(v_ptr + b * v_sb + h * v_sh + slots[:, None] * v_ss + dims[None, :], mask=inside[:, None],
+                    other=0.0)
+        scores = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1.0e30)
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        p = tl.where(ok, tl.exp(scores - new_best), 0.0)
+        keep = tl.exp(best - new_best)
+        v = tl.where(ok[:, None], v.to(tl.float32), 0.0)  # a padded slot's stale value must not reach the sum
+        acc = acc * keep + tl.sum(p[:, None] * v, axis=0)
+        total = total * keep + tl.sum(p, axis=0)
+        best = new_best
+    if tl.load(valid_ptr + b * valid_sb + here) != 0:
+        score = tl.sum(k_new.to(tl.float32) * q, axis=0)
+        new_best = tl.maximum(best, score)
+        p = tl.exp(score - new_best)
+        keep = tl.exp(best - new_best)
+        acc = acc * keep + p * v_new.to(tl.float32)
+        total = total * keep + p
+    out = acc / tl.maximum(total, 1.0e-30)
+    tl.store(out_ptr + b * o_sb + h * o_sh + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
+                            values: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, used: torch.Tensor,
+                            scale: float, block: int | None = None, warps: int | None = None) -> torch.Tensor:
+    """`decode_attention` that first writes this step's keys and values (B, H, 1, D) into the cache `keys` and
+    `values` (B, H, S, D) at each row's slot `slots` (B, 1): one launch a layer instead of a scatter per tensor,
+    an index tensor and the attention.
+    """
+    batch, heads, _, head_dim = q.shape
+    if block is None or warps is None:  # measured (benchmarks/attention.py, H100): fastest for few / many rows
+        block, warps = (128, 4) if batch * heads < 2048 else (64, 2)
+    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    _decode_attention_append_kernel[(batch, heads)](
+        q, k_new, v_new, keys, values, slots, valid, used, out, q.stride(0), q.stride(1), k_new.stride(0),
+        k_new.stride(1), v_new.stride(0), v_new.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), slots.stride(0), valid.stride(0), out.stride(0),
+        out.stride(1), keys.shape[2], scale, HEAD=head_dim, BLOCK=block, num_warps=warps,
+    )
+    return out

@@ -210,16 +210,19 @@ class Attention(nn.Module):
             q = self._split(self.q_proj(x))
             k = self._split(self.k_proj(source))
             v = self._split(self.v_proj(source))
-        if cache is not None:
-            k, v = cache.update(layer, slots, k, v)
         activations = q.dtype
-        if k.dtype != activations:  # a cache kept narrower than the activations (int8 models): attend in its dtype
-            q = q.to(k.dtype)
         if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
-            from kosmos2_cli.kernels import decode_attention
+            from kosmos2_cli.kernels import decode_attention_append
 
-            out = decode_attention(q, k, v, cache.visible_valid(), cache.next_slot, self.scale)
+            # One kernel writes this step's keys and values into the cache and attends over the row's slots.
+            keys, values = cache.keys[layer], cache.values[layer]
+            out = decode_attention_append(q.to(keys.dtype), k, v, keys, values, slots, cache.valid, cache.next_slot,
+                                          self.scale)
         else:
+            if cache is not None:
+                k, v = cache.update(layer, slots, k, v)
+            if k.dtype != activations:  # a cache narrower than the activations (int8 models): attend in its dtype
+                q = q.to(k.dtype)
             drop = self.dropout if self.training else 0.0
             causal = mask is CAUSAL
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, dropout_p=drop,
