@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--e2e", type=int, default=0, metavar="N",
                         help="also time `kosmos2 batch` over N generated 640x480 JPEGs")
     parser.add_argument("--batch-size-e2e", type=int, default=256)
+    parser.add_argument("--e2e-profile", action="store_true", help="run the end-to-end batch under cProfile")
     parser.add_argument("--load-only", choices=["ours", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="kernel profile of a decode step, GEMV bandwidth, "
                         "and a torch.compile trial")
@@ -399,7 +400,7 @@ def main() -> None:
         make_jpegs(images, args.e2e)
         out = images.parent / "e2e.jsonl"
         out.unlink(missing_ok=True)
-        profile = args.out / "batch.prof" if args.out else None
+        profile = args.out / "batch.prof" if args.out and args.e2e_profile else None
         runner = [sys.executable, "-m", "cProfile", "-o", str(profile)] if profile else [sys.executable]
         if profile:
             args.out.mkdir(parents=True, exist_ok=True)

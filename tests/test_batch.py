@@ -207,10 +207,10 @@ def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
 
     start = PipelineEngine.start
 
-    def tight(self, batch, spec):
+    def tight(self, batch, spec, *rest):
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return start(self, batch, spec)
+        return start(self, batch, spec, *rest)
 
     monkeypatch.setattr(PipelineEngine, "start", tight)
     out = tmp_path / "out.jsonl"
@@ -227,12 +227,12 @@ def test_interrupt_in_process_keeps_whole_lines(model, mixed, tmp_path, monkeypa
     start = PipelineEngine.start
     calls = []
 
-    def interrupted_on_third(self, batch, spec):
+    def interrupted_on_third(self, batch, spec, *rest):
         calls.append(len(batch))
         if len(calls) == 3:
             os.kill(os.getpid(), getattr(signal, signal_name))  # a real signal, handled in this process
             time.sleep(1)
-        return start(self, batch, spec)
+        return start(self, batch, spec, *rest)
 
     monkeypatch.setattr(PipelineEngine, "start", interrupted_on_third)
     out = tmp_path / "out.jsonl"

@@ -314,11 +314,11 @@ def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
     sizes = []
     start = PipelineEngine.start
 
-    def tight(self, batch, spec):
+    def tight(self, batch, spec, *rest):
         sizes.append(len(batch))
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return start(self, batch, spec)
+        return start(self, batch, spec, *rest)
 
     monkeypatch.setattr(PipelineEngine, "start", tight)
     result = kosmos2(model, "caption", pics["a"], pics["b"], pics["rotated"], "--json", "--batch-size", "4")
@@ -332,7 +332,7 @@ def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
 def test_ctrl_c_exits_130_without_traceback(model, pics, monkeypatch):
     from kosmos2_cli.engine import PipelineEngine
 
-    def interrupted(self, batch, spec):
+    def interrupted(self, batch, spec, *rest):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(PipelineEngine, "start", interrupted)
@@ -343,7 +343,7 @@ def test_ctrl_c_exits_130_without_traceback(model, pics, monkeypatch):
 def test_unexpected_errors_say_so_and_debug_shows_them(model, pics, monkeypatch):
     from kosmos2_cli.engine import PipelineEngine
 
-    def broken(self, batch, spec):
+    def broken(self, batch, spec, *rest):
         raise ZeroDivisionError("oops")
 
     monkeypatch.setattr(PipelineEngine, "start", broken)

@@ -124,7 +124,8 @@ class PipelineEngine:
         """Will the model run on a GPU (without loading it: `auto` means CUDA when present)?"""
         import torch
 
-        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        device = str(self.device)
+        return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
     def prepare(self, name: str, spec: TaskSpec) -> Prepared:
         return prepare_image(self.processor.image_processor, name, spec)
@@ -136,14 +137,22 @@ class PipelineEngine:
     def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
         return self.finish(self.start(batch, spec), spec)
 
-    def start(self, batch: Sequence[Prepared], spec: TaskSpec):
-        """The device's half of `infer` (image encoder, generation): may run on a thread of its own while the
-        previous batch `finish`es."""
+    def collate(self, batch: Sequence[Prepared]):
+        """The batch's pixels as one tensor, in page-locked memory when bound for a GPU (copied to it without
+        blocking). Done by the runner's thread while the model thread is busy with the previous batch."""
         import numpy as np
         import torch
 
+        shape = (sum(item.inputs.shape[0] for item in batch), *batch[0].inputs.shape[1:])
+        pixels = torch.empty(shape, dtype=torch.float32, pin_memory=self.on_gpu and torch.cuda.is_available())
+        np.concatenate([item.inputs for item in batch], out=pixels.numpy())
+        return pixels
+
+    def start(self, batch: Sequence[Prepared], spec: TaskSpec, pixels=None):
+        """The device's half of `infer` (image encoder, generation): may run on a thread of its own while the
+        previous batch `finish`es. `pixels`: `collate(batch)`, if already made."""
         kosmos = self.kosmos
-        embeds = kosmos.encode_pixels(torch.from_numpy(np.concatenate([item.inputs for item in batch])))
+        embeds = kosmos.encode_pixels(self.collate(batch) if pixels is None else pixels)
         jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
         return len(batch), kosmos.start([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
 

@@ -183,7 +183,7 @@ class Kosmos2:
         """Image embeddings for the decoder from `preprocess`'s pixel values, one row per image."""
         from kosmos2_cli.generate import encode_images
 
-        return encode_images(self.model, pixel_values.to(self.model.device))
+        return encode_images(self.model, pixel_values.to(self.model.device, non_blocking=pixel_values.is_pinned()))
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image embeddings for the decoder, one row per image."""

@@ -130,10 +130,11 @@ class Runner:
         try:
             refill()
             window: list[Prepared | Failure] = []
+            ready = 0
             while pending:
                 window.append(pending.popleft().result())
+                ready += isinstance(window[-1], Prepared)
                 refill()
-                ready = sum(isinstance(item, Prepared) for item in window)
                 if ready >= self.batch_size or not pending or ready == 0:
                     if device is None:
                         yield from self._flush(window)
@@ -142,7 +143,7 @@ class Runner:
                         if in_flight is not None:
                             yield from self._finish(device, *in_flight)
                         in_flight = started
-                    window = []
+                    window, ready = [], 0
             if in_flight is not None:
                 yield from self._finish(device, *in_flight)
         finally:
@@ -153,7 +154,11 @@ class Runner:
 
     def _start(self, device: _ModelThread, window: list[Prepared | Failure]):
         batch = [item for item in window if isinstance(item, Prepared)]
-        future = device.submit(self.engine.start, batch, self.spec) if batch else None
+        future = None
+        if batch:
+            collate = getattr(self.engine, "collate", None)
+            args = (batch, self.spec) if collate is None else (batch, self.spec, collate(batch))
+            future = device.submit(self.engine.start, *args)
         return window, batch, future
 
     def _finish(self, device: _ModelThread, window: list[Prepared | Failure], batch: list[Prepared],
