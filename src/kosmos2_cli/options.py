@@ -41,7 +41,7 @@ class Settings:
     annotate_dir: Path | None = None
     quiet: bool = False
     debug: bool = False
-    batch_size: int = 8
+    batch_size: int = 0
     workers: int = 0
 
     def generation_options(self):
@@ -114,9 +114,10 @@ SHARED: dict[str, inspect.Parameter] = {p.name: p for p in [
         "--quiet", "-q", rich_help_panel=OUTPUT, help="No progress, notes or summary; results and errors only.")]),
     _option("debug", False, Annotated[bool, typer.Option(
         "--debug", envvar="KOSMOS2_DEBUG", rich_help_panel=OUTPUT, help="Show tracebacks of unexpected errors.")]),
-    _option("batch_size", 8, Annotated[int, typer.Option(
-        "--batch-size", "-b", metavar="N", min=1, rich_help_panel=PERFORMANCE,
-        help="Images per model call (halved automatically when the device runs out of memory).")]),
+    _option("batch_size", 0, Annotated[int, typer.Option(
+        "--batch-size", "-b", metavar="N", min=0, rich_help_panel=PERFORMANCE,
+        help="Images per model call (0: 64 on a GPU, 8 on a CPU; halved automatically when the device runs out "
+             "of memory).")]),
     _option("workers", 0, Annotated[int, typer.Option(
         "--workers", metavar="N", min=0, rich_help_panel=PERFORMANCE,
         help="Threads decoding images ahead of the model (0: automatic).")]),

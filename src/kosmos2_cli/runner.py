@@ -30,6 +30,12 @@ def default_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
+def default_batch_size(engine: Engine) -> int:
+    """Images per model call when the user gives none: on a GPU a batch of 64 runs ~5x the images/s of 8 in a
+    few GB; a CPU gains little from larger batches."""
+    return 64 if getattr(engine, "on_gpu", False) else 8
+
+
 def use_processes(images: int) -> bool:
     """Prepare images in worker processes rather than threads?
 
