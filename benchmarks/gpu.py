@@ -35,8 +35,9 @@ def synthetic_image(seed: int = 0, size=(640, 480)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def load_to_first_token(which: str, folder: Path) -> float:
-    """Seconds from nothing loaded to the first generated token, in this (fresh) process."""
+def load_to_first_token(which: str, folder: Path) -> dict:
+    """Seconds from nothing loaded to the first generated token, in this (fresh) process, by phase: importing
+    the library, `from_pretrained`, and the first token (CUDA and kernel start-up, graph capture)."""
     t0 = time.perf_counter()
     from kosmos2_cli import Kosmos2Processor  # the same inputs for both (what is timed is the model's load)
 
@@ -45,15 +46,20 @@ def load_to_first_token(which: str, folder: Path) -> float:
     else:
         from transformers import Kosmos2ForConditionalGeneration as Model
     processor = Kosmos2Processor.from_pretrained(folder)
+    inputs = processor(text=PROMPT, images=synthetic_image(), return_tensors="pt")
+    t1 = time.perf_counter()
     model = Model.from_pretrained(str(folder), dtype=torch.bfloat16, device_map="cuda") if which == "ref" else (
         Model.from_pretrained(folder, device="cuda", dtype=torch.bfloat16))
     if hasattr(model, "fuse_for_inference"):
         model.fuse_for_inference()
-    inputs = processor(text=PROMPT, images=synthetic_image(), return_tensors="pt").to("cuda")
-    with torch.no_grad():
-        model.generate(**inputs, max_new_tokens=1)
     torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    t2 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**inputs.to("cuda"), max_new_tokens=1)
+    torch.cuda.synchronize()
+    t3 = time.perf_counter()
+    return {"load_to_first_token_s": t3 - t0, "import_s": t1 - t0, "from_pretrained_s": t2 - t1,
+            "first_token_s": t3 - t2}
 
 
 def make_jpegs(folder: Path, count: int) -> None:
@@ -109,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.load_only:
-        print(json.dumps({"load_to_first_token_s": load_to_first_token(args.load_only, args.weights)}))
+        print(json.dumps(load_to_first_token(args.load_only, args.weights)))
         return
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
@@ -211,12 +217,18 @@ def main() -> None:
         if name == "ref":
             kwargs["do_sample"] = False
         rows = {}
+        # Peak memory of this model alone: its weights plus what a batch adds to what was resident before (the
+        # other model and earlier batch sizes' caches stay out of its count).
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         for n in sizes:
             inputs = batch_of(n)
             try:
                 with torch.no_grad():
-                    model.generate(**inputs, **kwargs)  # warm-up (graph capture, autotune, allocator)
+                    gc.collect()
+                    torch.cuda.synchronize()
+                    resident = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
+                    model.generate(**inputs, **kwargs)  # warm-up (graph capture, autotune, allocator)
                     seconds = median_time(lambda batch=inputs: model.generate(**batch, **kwargs), repeat, sync)
             except torch.cuda.OutOfMemoryError:
                 rows[n] = {"oom": True}
@@ -224,7 +236,7 @@ def main() -> None:
                 break
             rows[n] = {"s_per_generate": seconds, "images_per_s": n / seconds,
                        "tokens_per_s": n * NEW_TOKENS / seconds,
-                       "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+                       "peak_gb": (weights + torch.cuda.max_memory_allocated() - resident) / 1e9}
             print(name, n, rows[n], flush=True)
         results[f"{name}_batches"] = rows
 
@@ -390,8 +402,10 @@ def main() -> None:
         for name in ("ours", "ours", "ref") if not args.no_reference else ("ours", "ours"):
             out = subprocess.run([sys.executable, __file__, "--load-only", name, "--weights", str(folder)],
                                  capture_output=True, text=True, check=True).stdout
-            seconds = json.loads(out.strip().splitlines()[-1])["load_to_first_token_s"]
+            phases = json.loads(out.strip().splitlines()[-1])
+            seconds = phases["load_to_first_token_s"]
             results.setdefault(f"fresh_load_{name}_s", []).append(seconds)
+            results.setdefault(f"fresh_load_{name}_phases", []).append(phases)
             print("fresh load", name, seconds, flush=True)
 
     def end_to_end():
@@ -474,14 +488,16 @@ def print_table(results: dict) -> None:
     ours = results.get("ours_batches", {})
     ref = results.get("ref_batches", {})
     print(f"\nKosmos-2 GPU benchmark on {results['card']} (torch {results['torch']}), bf16, {NEW_TOKENS} tokens")
-    print(f"{'batch':>6} | {'ours s/gen':>10} | {'ours img/s':>10} | {'ref s/gen':>9} | {'ref img/s':>9} | speed-up")
+    print(f"{'batch':>6} | {'ours s/gen':>10} | {'ours img/s':>10} | {'ref s/gen':>9} | {'ref img/s':>9} | speed-up"
+          f" | ours peak GB | ref peak GB")
     for n in sorted(set(ours) | set(ref), key=int):
         o, r = ours.get(n, {}), ref.get(n, {})
         os_, rs = o.get("s_per_generate"), r.get("s_per_generate")
         ratio = f"{rs / os_:.1f}x" if os_ and rs else ""
         fmt = lambda v, f: (f % v) if v else ("OOM" if v is None and False else "-")  # noqa: E731
         print(f"{n:>6} | {fmt(os_, '%10.3f'):>10} | {fmt(o.get('images_per_s'), '%10.1f'):>10} | "
-              f"{fmt(rs, '%9.3f'):>9} | {fmt(r.get('images_per_s'), '%9.1f'):>9} | {ratio}")
+              f"{fmt(rs, '%9.3f'):>9} | {fmt(r.get('images_per_s'), '%9.1f'):>9} | {ratio:>8} | "
+              f"{fmt(o.get('peak_gb'), '%12.1f'):>12} | {fmt(r.get('peak_gb'), '%11.1f'):>11}")
     for key in ("ours_load_to_first_token_s", "ref_load_to_first_token_s", "ours_weights_gb",
                 "first_step_rel_err_ours_bf16_vs_ref_fp32", "first_step_rel_err_ref_bf16_vs_ref_fp32",
                 "first_step_rel_err_ours_bf16_vs_ref_bf16", "greedy_agree_tokens", "greedy_clear_margin_tokens",
@@ -489,7 +505,8 @@ def print_table(results: dict) -> None:
                 "kernel_layer_norm_rel_err", "kernel_decode_attention_rel_err",
                 "kernel_decode_attention_short_rel_err", "kernel_quick_gelu_rel_err",
                 "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
-                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "e2e",
+                "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "fresh_load_ours_phases",
+                "fresh_load_ref_phases", "e2e",
                 "ours_load_phases_s", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
