@@ -60,53 +60,6 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, valid_ptr, used_ptr, out_ptr, q_sb, q_sh, k_sb, k_sh, k_ss,
-                             v_sb, v_sh, v_ss, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
-                             BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    length = tl.minimum(tl.load(used_ptr + b), capacity)  # this row's filled slots: read no further
-    dims = tl.arange(0, HEAD)
-    q = tl.load(q_ptr + b * q_sb + h * q_sh + dims).to(tl.float32) * scale
-    best = tl.full((), -1.0e30, tl.float32)
-    total = tl.zeros((), tl.float32)
-    acc = tl.zeros((HEAD,), tl.float32)
-    for start in range(0, length, BLOCK):
-        slots = start + tl.arange(0, BLOCK)
-        ok = tl.load(valid_ptr + b * valid_sb + slots, mask=slots < length, other=0) != 0
-        k = tl.load(k_ptr + b * k_sb + h * k_sh + slots[:, None] * k_ss + dims[None, :], mask=ok[:, None], other=0.0)
-        scores = tl.where(ok, tl.sum(k.to(tl.float32) * q[None, :], axis=1), -1.0e30)
-        new_best = tl.maximum(best, tl.max(scores, axis=0))
-        p = tl.where(ok, tl.exp(scores - new_best), 0.0)
-        keep = tl.exp(best - new_best)
-        v = tl.load(v_ptr + b * v_sb + h * v_sh + slots[:, None] * v_ss + dims[None, :], mask=ok[:, None], other=0.0)
-        acc = acc * keep + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-        total = total * keep + tl.sum(p, axis=0)
-        best = new_best
-    out = acc / tl.maximum(total, 1.0e-30)
-    tl.store(out_ptr + b * o_sb + h * o_sh + dims, out.to(out_ptr.dtype.element_ty))
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, used: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query per row over cached keys: q (B, H, 1, D), k/v (B, H, S, D), `valid` (B, S) marks real slots,
-    `used` (B,) how many slots each row has filled (read on the device, so one CUDA graph serves every step).
-
-    A row attends to its valid slots only (decoding appends in order, so that is also causal). Read-bound: each
-    program streams its row's keys and values once, with an online softmax.
-    """
-    batch, heads, _, head_dim = q.shape
-    out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
-    valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
-    _decode_attention_kernel[(batch, heads)](
-        q, k, v, valid, used, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), valid.stride(0), out.stride(0), out.stride(1), k.shape[2], scale,
-        HEAD=head_dim, BLOCK=64, num_warps=4,
-    )
-    return out
-
-
-@triton.jit
 def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, valid_ptr, used_ptr, out_ptr,
                                     q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                                     slot_sb, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
@@ -156,9 +109,12 @@ def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_pt
 def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
                             values: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, used: torch.Tensor,
                             scale: float, block: int | None = None, warps: int | None = None) -> torch.Tensor:
-    """`decode_attention` that first writes this step's keys and values (B, H, 1, D) into the cache `keys` and
-    `values` (B, H, S, D) at each row's slot `slots` (B, 1): one launch a layer instead of a scatter per tensor,
-    an index tensor and the attention.
+    """One decode step's attention: q, k_new, v_new (B, H, 1, D); the cache `keys`, `values` (B, H, S, D).
+
+    Writes each row's new key and value at its slot `slots` (B, 1), then attends over the row's valid slots
+    (`valid` (B, S)) below `used` (B,), read on the device so one CUDA graph serves every step. Decoding appends
+    in order, so that is also causal. One launch a layer instead of a scatter per tensor, an index tensor and the
+    attention; read-bound: each program streams its row's keys and values once, with an online softmax.
     """
     batch, heads, _, head_dim = q.shape
     if block is None or warps is None:  # measured (benchmarks/attention.py, H100): fastest for few / many rows
