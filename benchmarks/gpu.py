@@ -240,17 +240,24 @@ def main() -> None:
             print(name, n, rows[n], flush=True)
         results[f"{name}_batches"] = rows
 
-    def breakdown(n: int):
-        """Where one generate() goes: image encoder, prefill, and one decode step (graph replay + argmax)."""
+    @torch.no_grad()
+    def prefilled(n: int):
+        """(model, pixel values, decoder, prefill arguments) for batch n, with the prompt prefilled once."""
         from kosmos2_cli.generate import Decoder
 
         model, inputs = state["ours"], batch_of(n)
-        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        ids = inputs["input_ids"]
+        embeds = model.get_image_features(inputs["pixel_values"])
+        decoder = Decoder.for_model(model, n, ids.shape[1] + NEW_TOKENS, device)
+        prompt = (ids, inputs["attention_mask"].bool(), embeds, inputs["image_embeds_position_mask"])
+        decoder.prefill(*prompt)
+        return model, inputs["pixel_values"], decoder, prompt
+
+    def breakdown(n: int):
+        """Where one generate() goes: image encoder, prefill, and one decode step (graph replay + argmax)."""
+        model, pixels, decoder, prompt = prefilled(n)
         with torch.no_grad():
-            vision = median_time(lambda: model.get_image_features(inputs["pixel_values"]), 5, sync)
-            embeds = model.get_image_features(inputs["pixel_values"])
-            decoder = Decoder.for_model(model, n, ids.shape[1] + NEW_TOKENS, device)
-            prompt = (ids, valid, embeds, inputs["image_embeds_position_mask"])
+            vision = median_time(lambda: model.get_image_features(pixels), 5, sync)
             prefill = median_time(lambda: decoder.prefill(*prompt), 5, sync)
             token = torch.full((n,), 5, dtype=torch.long, device=device)
             decoder.step(token)  # capture
@@ -271,14 +278,8 @@ def main() -> None:
         """Which kernels one decode step spends its time in (run eagerly: a graph hides them)."""
         from torch.profiler import ProfilerActivity, profile
 
-        from kosmos2_cli.generate import Decoder
-
-        model, inputs = state["ours"], batch_of(n)
-        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        _, _, decoder, _ = prefilled(n)
         with torch.no_grad():
-            embeds = model.get_image_features(inputs["pixel_values"])
-            decoder = Decoder.for_model(model, n, ids.shape[1] + NEW_TOKENS, device)
-            decoder.prefill(ids, valid, embeds, inputs["image_embeds_position_mask"])
             token = torch.full((n,), 5, dtype=torch.long, device=device)
             decoder.cache.window = 128
             for _ in range(3):
@@ -296,17 +297,10 @@ def main() -> None:
         """Which kernels the image encoder and the prefill spend their time in, at batch n."""
         from torch.profiler import ProfilerActivity, profile
 
-        from kosmos2_cli.generate import Decoder
-
-        model, inputs = state["ours"], batch_of(n)
-        ids, valid = inputs["input_ids"], inputs["attention_mask"].bool()
+        model, pixels, decoder, prompt = prefilled(n)
         with torch.no_grad():
-            embeds = model.get_image_features(inputs["pixel_values"])
-            decoder = Decoder.for_model(model, n, ids.shape[1] + NEW_TOKENS, device)
-            prompt = (ids, valid, embeds, inputs["image_embeds_position_mask"])
-            decoder.prefill(*prompt)
             sync()
-            for name, fn in (("vision", lambda: model.get_image_features(inputs["pixel_values"])),
+            for name, fn in (("vision", lambda: model.get_image_features(pixels)),
                              ("prefill", lambda: decoder.prefill(*prompt))):
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     fn()
