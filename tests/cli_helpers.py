@@ -10,11 +10,9 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -27,30 +25,14 @@ SRC = ROOT / "src"
 FAST = ["--max-new-tokens", "6"]  # random weights rarely stop: keep generations short
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("KOSMOS2_CLI_TEST_CACHE") or Path(tempfile.gettempdir()) / "kosmos2-cli-test-cache")
-
-
 def random_checkpoint() -> Path:
     """A random tiny Kosmos-2 (64 image tokens, the real vocabulary) in the hub's layout, built once."""
     import oracle
+    import trained
 
     key = hashlib.sha256(Path(oracle.__file__).read_bytes() + oracle.SP_MODEL.read_bytes()).hexdigest()[:12]
-    final = _cache_root() / f"random-{key}"
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=".random-building-", dir=final.parent))
-    try:
-        oracle.save_reference_checkpoint(temp, oracle.tiny_config(latent_query_num=64))
-        try:
-            os.rename(temp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return final
+    return trained.cached_dir(f"random-{key}", lambda folder: oracle.save_reference_checkpoint(
+        folder, oracle.tiny_config(latent_query_num=64)))
 
 
 def photo(width: int = 64, height: int = 40, seed: int = 0) -> Image.Image:

@@ -49,6 +49,17 @@ class _ConfigBase:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
 
+def read_json_object(path: Path, unreadable: str, not_an_object: str) -> dict:
+    """The JSON object in `path`; a ValueError naming the file, and saying `unreadable` or `not_an_object`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: {unreadable} ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {not_an_object}")
+    return data
+
+
 @dataclass
 class Kosmos2TextConfig(_ConfigBase):
     """The decoder: a 24-layer, 2048-wide transformer with sub-LayerNorm (MAGNETO-style) blocks."""
@@ -161,12 +172,7 @@ class Kosmos2Config(_ConfigBase):
     @classmethod
     def from_json_file(cls, path: str | Path) -> Kosmos2Config:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: not a readable config.json ({err})") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: config.json must hold a JSON object")
+        data = read_json_object(path, "not a readable config.json", "config.json must hold a JSON object")
         model_type = data.get("model_type")
         if model_type not in (None, cls.model_type):
             raise ValueError(f"{path}: model_type is {model_type!r}, not a Kosmos-2 checkpoint ('kosmos-2')")

@@ -10,13 +10,14 @@ Where the reference gives a broken result or fails, we do the sensible thing ins
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from kosmos2_cli.config import read_json_object
 
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -129,13 +130,7 @@ class Kosmos2ImageProcessor:
         path = Path(folder) / PREPROCESSOR_CONFIG_FILE
         if not path.is_file():
             return cls()
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: cannot read the image settings ({err})") from err
-        if not isinstance(config, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(config)
+        return cls.from_dict(read_json_object(path, "cannot read the image settings", "expected a JSON object"))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -178,23 +178,11 @@ class Runner:
                     raise
                 # Split and retry on the model thread, so device work stays one call at a time.
                 outcomes = device.submit(self._infer, batch, err).result()
-        done = iter(outcomes)
-        for item in window:
-            if isinstance(item, Failure):
-                yield item, None
-            else:
-                outcome = next(done)
-                yield outcome, (item.image if isinstance(outcome, Result) else None)
+        yield from _merge(window, outcomes)
 
     def _flush(self, window: list[Prepared | Failure]) -> Iterator[tuple[Outcome, Image.Image | None]]:
         batch = [item for item in window if isinstance(item, Prepared)]
-        done = iter(self._infer(batch))
-        for item in window:
-            if isinstance(item, Failure):
-                yield item, None
-            else:
-                outcome = next(done)
-                yield outcome, (item.image if isinstance(outcome, Result) else None)
+        yield from _merge(window, self._infer(batch))
 
     def _infer(self, batch: list[Prepared], failed: BaseException | None = None) -> list[Outcome]:
         """Outcomes of `batch`, splitting it while the device runs out of memory. `failed`: the first attempt, at
@@ -227,6 +215,17 @@ class Runner:
                 continue
             start += size
         return outcomes
+
+
+def _merge(window: list[Prepared | Failure], outcomes: list[Outcome]) -> Iterator[tuple[Outcome, Image.Image | None]]:
+    """The window in order: its failures as they are, its prepared images with their batch's outcomes."""
+    done = iter(outcomes)
+    for item in window:
+        if isinstance(item, Failure):
+            yield item, None
+        else:
+            outcome = next(done)
+            yield outcome, (item.image if isinstance(outcome, Result) else None)
 
 
 def _pipelined(engine: Engine) -> bool:
