@@ -9,8 +9,9 @@ import torch
 from oracle import save_reference_checkpoint, tiny_config
 from safetensors.torch import load_file, save_file
 
-from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Model
+from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Model, weights
 from kosmos2_cli.hub import ModelNotFoundError
+from kosmos2_cli.staging import Span, stream_spans
 from kosmos2_cli.weights import WeightsError
 
 SMALL = dict(text=dict(embed_dim=24, attention_heads=2, ffn_dim=32, layers=2), latent_query_num=4,
@@ -67,6 +68,41 @@ def test_kosmos2model_ignores_the_head(checkpoint, tmp_path):
     assert full.text_model.lm_head.weight is full.text_model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_load_gives_the_mapped_loads_tensors(checkpoint, dtype, monkeypatch):
+    """The GPU's loader (parallel reads into buffers, then convert), run on the CPU, gives the same model."""
+    folder, _ = checkpoint
+    mapped = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    monkeypatch.setattr(weights, "_streams", lambda model, device: True)
+    monkeypatch.setattr("kosmos2_cli.staging.CHUNK", 1000)  # tensors span several reads
+    streamed = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    theirs = mapped.state_dict()
+    for name, tensor in streamed.state_dict().items():
+        assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
+    assert streamed.text_model.lm_head.weight is streamed.text_model.model.embed_tokens.weight
+
+
+def test_stream_spans_reads_each_span_exactly(tmp_path):
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    data = {first: bytes(range(256)) * 9, second: bytes(reversed(range(256))) * 3}
+    for path, content in data.items():
+        path.write_bytes(content)
+    spans = [Span("x", first, 5, 1000), Span("empty", second, 10, 0), Span("y", second, 1, 700),
+             Span("z", first, 2000, 304)]
+    got = list(stream_spans(spans, torch.device("cpu"), chunk=64, buffers=3, threads=2))
+    assert [span for span, _ in got] == spans
+    for span, tensor in got:
+        assert tensor.dtype == torch.uint8
+        assert bytes(tensor.tolist()) == data[span.path][span.offset : span.offset + span.nbytes], span.key
+
+
+def test_stream_spans_past_the_end_is_an_error(tmp_path):
+    path = tmp_path / "short.bin"
+    path.write_bytes(b"0123456789")
+    with pytest.raises(OSError, match="unexpected end of file"):
+        list(stream_spans([Span("x", path, 4, 20)], torch.device("cpu"), chunk=8))
+
+
 def test_sharded_checkpoint(checkpoint, tmp_path):
     folder, ref = checkpoint
     state = load_file(str(folder / "model.safetensors"))
@@ -92,9 +128,11 @@ def test_sharded_checkpoint(checkpoint, tmp_path):
          "image_to_text_projection.latent_query has shape [5, 24], the config needs [4, 24]"),
     ],
 )
-def test_bad_tensors_are_named(checkpoint, tmp_path, edit, message):
+@pytest.mark.parametrize("streamed", [False, True], ids=["mapped", "streamed"])
+def test_bad_tensors_are_named(checkpoint, tmp_path, edit, message, streamed, monkeypatch):
     folder, _ = checkpoint
     copy_checkpoint(folder, tmp_path, edit)
+    monkeypatch.setattr(weights, "_streams", lambda model, device: streamed)
     with pytest.raises(WeightsError, match=message.replace("[", r"\[").replace("]", r"\]")):
         Kosmos2ForConditionalGeneration.from_pretrained(tmp_path)
 

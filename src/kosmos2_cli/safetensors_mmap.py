@@ -110,6 +110,11 @@ class MappedSafetensors:
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key][0]
 
+    def span(self, key: str) -> tuple[int, int]:
+        """(offset in the file, byte count) of the tensor's data: for reading it without the map."""
+        _, _, begin, end = self._entries[key]
+        return self._data_start + begin, end - begin
+
     def tensor(self, key: str) -> torch.Tensor:
         """The tensor as a view of the map (a copy only when the file leaves it misaligned for its dtype)."""
         dtype, shape, begin, end = self._entries[key]

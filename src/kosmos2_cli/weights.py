@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,15 +51,11 @@ def weight_files(folder: Path) -> list[Path]:
     raise WeightsError(f"{folder}: no {SINGLE_FILE} (or {INDEX_FILE}) in the model folder")
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, MappedSafetensors]]:
-    for path in files:
-        try:
-            mapped = MappedSafetensors(path)
-        except (OSError, ValueError) as err:
-            raise WeightsError(f"{path}: not a valid safetensors file ({err})") from err
-        for key in mapped.keys():
-            yield path, key, mapped
-        mapped.trim()
+def _open(path: Path) -> MappedSafetensors:
+    try:
+        return MappedSafetensors(path)
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{path}: not a valid safetensors file ({err})") from err
 
 
 def _to_target(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -80,52 +75,110 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         owner._buffers[attr] = tensor
 
 
+class _Expected:
+    """Which checkpoint tensors the model takes; names the first wrong, unexpected or missing one."""
+
+    HEAD = "text_model.lm_head.weight"
+
+    def __init__(self, model: nn.Module, folder: Path) -> None:
+        self.folder = folder
+        self.shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+        # Modules that quantize their own weight (kosmos2_cli.quant) hold no float `weight`; they name its shape.
+        self.shapes.update({f"{name}.weight": tuple(module.weight_shape) for name, module in model.named_modules()
+                            if hasattr(module, "take_weight")})
+        self.tied = getattr(model.config.text_config, "tie_word_embeddings", True)
+        self.loaded: set[str] = set()
+        self.unexpected: list[str] = []
+
+    def wanted(self, path: Path, key: str, shape: tuple[int, ...]) -> bool:
+        """Whether to load `key`; raises when its shape is not the model's."""
+        if key not in self.shapes:
+            if not _REBUILT.search(key) and key != self.HEAD:
+                self.unexpected.append(key)
+            return False
+        if key == self.HEAD and self.tied:
+            return False
+        if shape != self.shapes[key]:
+            raise WeightsError(f"{path.name}: tensor {key} has shape {list(shape)}, the config needs "
+                               f"{list(self.shapes[key])} (is config.json from the same model?)")
+        self.loaded.add(key)
+        return True
+
+    def check_names(self) -> None:
+        if self.unexpected:
+            more = f" (and {len(self.unexpected) - 1} more)" if len(self.unexpected) > 1 else ""
+            raise WeightsError(f"{self.folder}: unexpected tensor {self.unexpected[0]}{more}: not a Kosmos-2 "
+                               "checkpoint?")
+
+    def check_complete(self) -> None:
+        missing = sorted(set(self.shapes) - self.loaded - ({self.HEAD} if self.tied else set()))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise WeightsError(f"{self.folder}: missing tensor {missing[0]}{more} in the checkpoint")
+
+
 def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: torch.dtype) -> None:
     """Fill a model built on the meta device from the checkpoint in `folder`."""
-    expected = {name: t.shape for name, t in model.state_dict(keep_vars=True).items()}
-    # Modules that quantize their own weight (kosmos2_cli.quant) hold no float `weight`; they name its shape.
-    expected.update({f"{name}.weight": torch.Size(module.weight_shape) for name, module in model.named_modules()
-                     if hasattr(module, "take_weight")})
-    tied = getattr(model.config.text_config, "tie_word_embeddings", True)
-    head = "text_model.lm_head.weight"
-    optional = {head} if tied else set()
-    loaded: set[str] = set()
-    unexpected: list[str] = []
-    convert = getattr(model, "convert_loaded_tensor", None)
-    for path, key, mapped in _tensors(weight_files(folder)):
-        if key not in expected:
-            if not _REBUILT.search(key) and key != head:
-                unexpected.append(key)
-            continue
-        if key == head and tied:
-            continue
-        shape = mapped.shape(key)
-        if shape != tuple(expected[key]):
-            raise WeightsError(f"{path.name}: tensor {key} has shape {list(shape)}, the config needs "
-                               f"{list(expected[key])} (is config.json from the same model?)")
-        view = mapped.tensor(key)
-        owner_name, _, attr = key.rpartition(".")
-        take = getattr(model.get_submodule(owner_name), "take_weight", None) if attr == "weight" else None
-        if take is not None:
-            take(view, mapped.release)  # e.g. int8 layers quantize block by block, handing pages back
-        else:
-            tensor = _to_target(view, device, dtype)
-            if tensor.data_ptr() != view.data_ptr():
-                mapped.release(view)  # converted or copied: the file's pages are no longer needed
-            if convert is not None:
-                tensor = convert(key, tensor)
-            _set_tensor(model, key, tensor)
-        loaded.add(key)
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise WeightsError(f"{folder}: unexpected tensor {unexpected[0]}{more}: not a Kosmos-2 checkpoint?")
-    missing = sorted(set(expected) - loaded - optional)
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightsError(f"{folder}: missing tensor {missing[0]}{more} in the checkpoint")
+    expected = _Expected(model, folder)
+    files = weight_files(folder)
+    if _streams(model, device):
+        _load_streamed(model, files, expected, device, dtype)
+    else:
+        _load_mapped(model, files, expected, device, dtype)
+    expected.check_complete()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     _rebuild_buffers(model, device)
+
+
+def _streams(model: nn.Module, device: torch.device) -> bool:
+    """Read through pinned buffers (a GPU target) rather than the memory map (CPU targets, int8 quantizing)."""
+    return device.type == "cuda" and not any(hasattr(module, "take_weight") for module in model.modules())
+
+
+def _load_mapped(model: nn.Module, files: list[Path], expected: _Expected, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Tensor by tensor from a memory map: kept as the file's pages where possible, else converted and the
+    pages handed back (so the peak stays near the model's size)."""
+    for path in files:
+        mapped = _open(path)
+        for key in mapped.keys():
+            if not expected.wanted(path, key, mapped.shape(key)):
+                continue
+            view = mapped.tensor(key)
+            owner_name, _, attr = key.rpartition(".")
+            take = getattr(model.get_submodule(owner_name), "take_weight", None) if attr == "weight" else None
+            if take is not None:
+                take(view, mapped.release)  # e.g. int8 layers quantize block by block, handing pages back
+                continue
+            tensor = _to_target(view, device, dtype)
+            if tensor.data_ptr() != view.data_ptr():
+                mapped.release(view)  # converted or copied: the file's pages are no longer needed
+            _set_tensor(model, key, tensor)
+        mapped.trim()
+        expected.check_names()
+
+
+def _load_streamed(model: nn.Module, files: list[Path], expected: _Expected, device: torch.device,
+                   dtype: torch.dtype) -> None:
+    """Every tensor's bytes read in parallel into pinned memory, copied to the GPU and converted there."""
+    from kosmos2_cli.staging import Span, stream_spans
+
+    spans, kinds = [], {}
+    for path in files:
+        mapped = _open(path)
+        for key in mapped.keys():
+            if expected.wanted(path, key, mapped.shape(key)):
+                spans.append(Span(key, path, *mapped.span(key)))
+                kinds[key] = (mapped.dtype(key), mapped.shape(key))
+    expected.check_names()  # before reading gigabytes
+    try:
+        for span, raw in stream_spans(spans, device):
+            file_dtype, shape = kinds[span.key]
+            tensor = raw.view(file_dtype).view(shape)
+            _set_tensor(model, span.key, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    except OSError as err:
+        raise WeightsError(f"{files[0].parent}: cannot read the weights ({err})") from err
 
 
 def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
