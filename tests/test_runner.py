@@ -116,3 +116,32 @@ def test_prefetch_is_bounded():
     time.sleep(0.2)
     assert len(engine.prepared) <= 2 + 4 + 2
     stream.close()
+
+
+class PipelinedEngine(FakeEngine):
+    """Splits `infer` into a device half and a CPU half, and loads its weights on request (as on a GPU)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.events: list[tuple[str, str]] = []
+
+    def load(self) -> None:
+        self.events.append(("load", threading.current_thread().name))
+        time.sleep(0.2)
+
+    def start(self, batch, spec):
+        self.events.append(("start", threading.current_thread().name))
+        return self.infer(batch, spec)
+
+    def finish(self, started, spec):
+        return started
+
+
+def test_pipelined_run_loads_the_model_first_on_the_model_thread(monkeypatch):
+    monkeypatch.setenv("KOSMOS2_PIPELINE", "on")
+    engine = PipelinedEngine(delay=0.01)
+    outcomes, _, _ = _run(engine, [f"img{i}" for i in range(10)], batch_size=4)
+    assert [o.text for o in outcomes] == [f"IMG{i}" for i in range(10)]
+    assert engine.events[0] == ("load", "kosmos2-model")
+    assert [kind for kind, _ in engine.events] == ["load", "start", "start", "start"]
+    assert {thread for _, thread in engine.events} == {"kosmos2-model"}

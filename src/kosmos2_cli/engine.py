@@ -86,7 +86,7 @@ def check_model_folder(folder: Path) -> None:
 
 class PipelineEngine:
     """The bundled PyTorch pipeline. The tokenizer and image settings load at once (workers need them); the
-    weights load on the first batch, so a run whose images all fail never pays for them."""
+    weights on first use (or `load`: a pipelined run loads them while its first images are prepared)."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
                  options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None) -> None:
@@ -118,6 +118,10 @@ class PipelineEngine:
             if self.on_load:
                 self.on_load(False)
         return self._kosmos
+
+    def load(self) -> None:
+        """Load the weights now (the runner does so on its model thread while the first images are prepared)."""
+        _ = self.kosmos
 
     @property
     def on_gpu(self) -> bool:

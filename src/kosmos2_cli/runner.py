@@ -118,6 +118,10 @@ class Runner:
             # The model thread launches a GPU step every few ms and needs the GIL for it: while this thread
             # decodes and writes, hand the GIL over within 1 ms instead of Python's default 5.
             sys.setswitchinterval(min(switch, 0.001))
+        if device is not None and hasattr(self.engine, "load"):
+            # Load the weights while the workers start and prepare the first batch (a load error surfaces
+            # again at the first batch; a run whose images all fail pays for the load).
+            device.submit(self.engine.load)
         in_flight = None
         pending: deque[Future] = deque()
         upcoming = iter(names)
