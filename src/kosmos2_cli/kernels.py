@@ -128,3 +128,78 @@ def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
         out.stride(1), keys.shape[2], scale, HEAD=head_dim, BLOCK=block, num_warps=warps,
     )
     return out
+
+
+ACTIVATIONS = {"gelu": 1, "quick_gelu": 2}  # activations the one-row kernel applies after its product
+# (BLOCK_N, BLOCK_K, warps) of the one-row kernel, by reduction width (measured: benchmarks/gemv.py, H100).
+ROW_CONFIGS = {2048: (8, 512, 4), 8192: (8, 512, 4)}
+ROW_DEFAULT = (8, 512, 4)
+
+
+@triton.jit
+def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, eps, NORM: tl.constexpr,
+                       ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       WIDTH: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mean = 0.0
+    rstd = 1.0
+    if NORM:  # every program takes the row's statistics itself (the row is a few KB, read from L2)
+        whole = tl.arange(0, WIDTH)
+        row = tl.load(x_ptr + whole, mask=whole < K, other=0.0).to(tl.float32)
+        mean = tl.sum(row, axis=0) / K
+        centred = tl.where(whole < K, row - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for start in range(0, K, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            nb = tl.load(nb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            # Rounded to the activations' dtype, as the separate LayerNorm's output is.
+            x = ((x - mean) * rstd * nw + nb).to(y_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    y = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if ACT != 0 or RESIDUAL:
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the product is rounded before what follows it
+    if ACT == 1:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    if ACT == 2:
+        y = y * tl.sigmoid(1.702 * y)
+    if RESIDUAL:
+        y = y + tl.load(r_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm: torch.nn.LayerNorm | None = None,
+               activation: str | None = None, residual: torch.Tensor | None = None,
+               config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """residual + act(LayerNorm(x) @ weight.T + bias) for a single row x, in one kernel.
+
+    A decode step at batch 1 is ~10 small kernels a layer around four matrix-vector products; each costs a
+    launch gap inside the graph. Here each product takes its LayerNorm (the row's statistics are recomputed per
+    program: a few KB), its bias, activation and residual with it: four kernels a layer plus attention. Each
+    intermediate is rounded to the activations' dtype where the separate kernels round it.
+    """
+    width = x.shape[-1]
+    out_features = weight.shape[0]
+    if weight.stride() != (width, 1):
+        raise ValueError("linear_row needs a contiguous (out_features, in_features) weight")
+    row = x.reshape(width).contiguous()
+    residual = residual.reshape(out_features).contiguous() if residual is not None else None
+    out = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
+    block_n, block_k, warps = config or ROW_CONFIGS.get(width, ROW_DEFAULT)
+    block_k = min(block_k, triton.next_power_of_2(width))
+    norm_w = norm.weight if norm is not None else bias
+    norm_b = norm.bias if norm is not None else bias
+    eps = norm.eps if norm is not None else 0.0
+    _linear_row_kernel[(triton.cdiv(out_features, block_n),)](
+        row, norm_w, norm_b, weight, bias, residual if residual is not None else bias, out, width, out_features,
+        eps, NORM=norm is not None, ACT=ACTIVATIONS[activation] if activation else 0,
+        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, WIDTH=triton.next_power_of_2(width),
+        num_warps=warps,
+    )
+    return out

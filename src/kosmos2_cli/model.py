@@ -193,6 +193,14 @@ class Attention(nn.Module):
             for old in replaced:  # views of a memory-mapped checkpoint: hand their pages back (no double RSS)
                 release_view(old)
 
+    def decode_step(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, slots: Tensor) -> Tensor:
+        """One Triton kernel writes this step's keys and values into the cache and attends over the row's slots."""
+        from kosmos2_cli.kernels import decode_attention_append
+
+        keys, values = cache.keys[layer], cache.values[layer]
+        return decode_attention_append(q.to(keys.dtype), k, v, keys, values, slots, cache.valid, cache.next_slot,
+                                       self.scale)
+
     def forward(
         self,
         x: Tensor,
@@ -212,12 +220,7 @@ class Attention(nn.Module):
             v = self._split(self.v_proj(source))
         activations = q.dtype
         if self.fast_decode and cache is not None and cache.static and q.shape[2] == 1 and q.is_cuda:
-            from kosmos2_cli.kernels import decode_attention_append
-
-            # One kernel writes this step's keys and values into the cache and attends over the row's slots.
-            keys, values = cache.keys[layer], cache.values[layer]
-            out = decode_attention_append(q.to(keys.dtype), k, v, keys, values, slots, cache.valid, cache.next_slot,
-                                          self.scale)
+            out = self.decode_step(q, k, v, cache, layer, slots)
         else:
             if cache is not None:
                 k, v = cache.update(layer, slots, k, v)
@@ -383,8 +386,27 @@ class DecoderLayer(nn.Module):
         self.ffn.ffn_layernorm = LayerNorm(config.ffn_dim, eps=config.layer_norm_eps)
         self.final_layer_norm = LayerNorm(dim, eps=config.layer_norm_eps)
         self.act = _activation(config.activation_function)
+        self.activation_name = config.activation_function
+        self.one_row = False  # batch-1 decode steps as four fused Triton matrix-vector kernels (CUDA, inference)
+
+    def _one_row_step(self, x: Tensor, cache: KVCache, layer: int, slots: Tensor) -> Tensor:
+        """The layer for one token of one row: what `forward` computes, each LayerNorm, bias, activation and
+        residual fused into the matrix-vector product next to it (`kernels.linear_row`)."""
+        from kosmos2_cli.kernels import linear_row
+
+        attn, ffn = self.self_attn, self.ffn
+        qkv = linear_row(x, *attn.qkv, norm=self.self_attn_layer_norm)
+        q, k, v = (attn._split(t) for t in qkv.chunk(3, dim=-1))
+        out = attn.decode_step(q, k, v, cache, layer, slots).view(x.shape)
+        x = linear_row(out, attn.out_proj.weight, attn.out_proj.bias, norm=attn.inner_attn_ln, residual=x)
+        h = linear_row(x, ffn.fc1.weight, ffn.fc1.bias, norm=self.final_layer_norm,
+                       activation=self.activation_name)
+        return linear_row(h, ffn.fc2.weight, ffn.fc2.bias, norm=ffn.ffn_layernorm, residual=x)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slots: Tensor | None):
+        if (self.one_row and not self.training and x.shape[0] * x.shape[1] == 1 and cache is not None and cache.static
+                and x.is_cuda):
+            return self._one_row_step(x, cache, layer, slots)
         h = self.self_attn(self.self_attn_layer_norm(x), mask=mask, cache=cache, layer=layer, slots=slots)
         x = x + _dropout(h, self.dropout, self.training)
         h = _dropout(self.act(self.ffn.fc1(self.final_layer_norm(x))), self.activation_dropout, self.training)
@@ -805,6 +827,9 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
             fast_norm = self.device.type == "cuda"
         except ImportError:
             fast_norm = False
+        fused_activations = ()
+        if fast_norm:
+            from kosmos2_cli.kernels import ACTIVATIONS as fused_activations
         for module in self.modules():
             if isinstance(module, Attention):
                 if module.qkv is None:
@@ -812,6 +837,10 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
                 module.fast_decode = fast_norm
             elif isinstance(module, LayerNorm):
                 module.fast = fast_norm
+            elif isinstance(module, DecoderLayer):
+                module.one_row = (fast_norm and isinstance(module.self_attn.qkv, tuple)
+                                  and module.self_attn.inner_attn_ln is not None
+                                  and module.activation_name in fused_activations)
         _FAST_KERNELS[0] = _FAST_KERNELS[0] or fast_norm
         if fast_norm:
             # cuBLAS falls back to a slow kernel for 65,037 output rows; a copy padded to a multiple of 64 is fast.

@@ -1,0 +1,119 @@
+"""Where a new process's time goes before its first token on the GPU, phase by phase, and how fast the loader
+reads the checkpoint with 1-16 threads.
+
+`PYTHONPATH=src python benchmarks/startup.py --weights DIR [--reads]` (CUDA only; DIR: a full-size checkpoint,
+e.g. the one benchmarks/gpu.py builds). Run it twice: the first run also fills Triton's kernel cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+T0 = time.perf_counter()
+MARKS: list[tuple[str, float]] = []
+
+
+def mark(name: str) -> None:
+    import sys
+
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+    MARKS.append((name, time.perf_counter()))
+
+
+def phases() -> None:
+    import torch
+
+    mark("import torch")
+    from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
+
+    mark("import kosmos2_cli")
+    from common import synthetic_image
+
+    processor = Kosmos2Processor.from_pretrained(ARGS.weights)
+    inputs = processor(text="<grounding> An image of", images=synthetic_image(), return_tensors="pt")
+    mark("processor + inputs")
+    if ARGS.context_first:
+        torch.cuda.init()
+        torch.empty(1, device="cuda")
+        mark("CUDA context")
+    model = Kosmos2ForConditionalGeneration.from_pretrained(ARGS.weights, device="cuda", dtype=torch.bfloat16)
+    mark("from_pretrained")
+    model.fuse_for_inference()
+    mark("fuse_for_inference")
+    inputs = inputs.to("cuda")
+    mark("inputs to GPU")
+    with torch.no_grad():
+        model.get_image_features(inputs["pixel_values"].to(torch.bfloat16))
+        mark("first image encoding")
+        model.get_image_features(inputs["pixel_values"].to(torch.bfloat16))
+        mark("second image encoding")
+        model.generate(**inputs, max_new_tokens=1)
+        mark("first generate (1 token)")
+        model.generate(**inputs, max_new_tokens=1)
+        mark("second generate (1 token)")
+        model.generate(**inputs, max_new_tokens=2)
+        mark("generate 2 tokens (decode graph capture)")
+        model.generate(**inputs, max_new_tokens=2)
+        mark("generate 2 tokens again")
+
+
+def reads() -> dict:
+    import torch
+
+    from kosmos2_cli.safetensors_mmap import MappedSafetensors
+    from kosmos2_cli.staging import Span, stream_spans
+
+    path = ARGS.weights / "model.safetensors"
+    mapped = MappedSafetensors(path)
+    spans = [Span(key, path, *mapped.span(key)) for key in mapped.keys()]
+    total = sum(span.nbytes for span in spans)
+    torch.empty(1, device="cuda")
+    out = {}
+    for threads in (1, 4, 8, 16):
+        for chunk_mb in (8, 16, 32):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _, tensor in stream_spans(spans, torch.device("cuda"), chunk=chunk_mb << 20, threads=threads):
+                del tensor
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            out[f"{threads} threads, {chunk_mb} MB"] = {"s": seconds, "GB/s": total / seconds / 1e9}
+            print("read", threads, chunk_mb, out[f"{threads} threads, {chunk_mb} MB"], flush=True)
+    start = time.perf_counter()
+    for key in mapped.keys():
+        mapped.tensor(key).to("cuda")
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out["memory map, .to(cuda)"] = {"s": seconds, "GB/s": total / seconds / 1e9}
+    print("read mmap", out["memory map, .to(cuda)"], flush=True)
+    return out
+
+
+def main() -> None:
+    if ARGS.reads:
+        result = {"reads": reads()}
+    else:
+        phases()
+        previous = T0
+        result = {}
+        for name, at in MARKS:
+            result[name] = round(at - previous, 4)
+            previous = at
+        result["total"] = round(MARKS[-1][1] - T0, 4)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--reads", action="store_true", help="time the checkpoint reader instead")
+    parser.add_argument("--context-first", action="store_true", help="create the CUDA context before loading")
+    ARGS = parser.parse_args()
+    main()
