@@ -75,3 +75,27 @@ def test_fast_path_batches_lessons_of_different_lengths(models, fixed_shape, tra
     for row, lesson in zip(ids.tolist(), lessons, strict=True):
         answer = [t for t in row[prompt:] if t != 1]
         assert answer == trained.expected(lesson).answer_ids, lesson.key
+
+
+def test_warmup_runs_a_one_layer_copy_and_leaves_the_model_alone(trained_dir):
+    """The start-up warm-up (CUDA only in use) builds a one-layer model of the same widths and runs an image, a
+    prompt and a decode step through it; on the CPU the same code runs, and the loaded model's answers do not
+    change."""
+    from kosmos2_cli import warmup
+    from kosmos2_cli.config import Kosmos2Config
+    from kosmos2_cli.model import _no_init
+
+    config = Kosmos2Config.from_pretrained(trained_dir)
+    small = warmup.small_config(config)
+    assert (small.text_config.layers, small.vision_config.num_hidden_layers) == (1, 1)
+    assert small.text_config.embed_dim == config.text_config.embed_dim
+    assert small.vision_config.hidden_size == config.vision_config.hidden_size
+    with torch.device("meta"), _no_init():
+        copy = Kosmos2ForConditionalGeneration(small)
+    warmup._exercise(warmup._materialize(copy, torch.device("cpu"), torch.float32), torch.device("cpu"),
+                     torch.float32)
+    assert not any(p.is_meta for p in copy.parameters())
+    assert warmup.wanted(torch.device("cpu")) is False
+    lesson = trained.LESSONS[0]
+    model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir)
+    assert _answers(model, [lesson]) == [trained.expected(lesson).ids]

@@ -131,15 +131,22 @@ def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
 
 
 ACTIVATIONS = {"gelu": 1, "quick_gelu": 2}  # activations the one-row kernel applies after its product
-# (BLOCK_N, BLOCK_K, warps) of the one-row kernel, by reduction width (measured: benchmarks/gemv.py, H100).
-ROW_CONFIGS = {2048: (8, 512, 4), 8192: (8, 512, 4)}
-ROW_DEFAULT = (8, 512, 4)
+# (BLOCK_N, BLOCK_K, warps) of the one-row kernel by weight shape (out, in): the fastest of 27 on an H100
+# (benchmarks/gemv.py; 2.2-2.9 TB/s, where the default config lost up to 40%); other shapes by their height.
+ROW_CONFIGS = {(6144, 2048): (4, 256, 4), (2048, 2048): (4, 1024, 8), (8192, 2048): (4, 1024, 4),
+               (2048, 8192): (4, 1024, 8)}
+
+
+def row_config(out_features: int, in_features: int) -> tuple[int, int, int]:
+    if (out_features, in_features) in ROW_CONFIGS:
+        return ROW_CONFIGS[(out_features, in_features)]
+    return (4, 1024, 8) if out_features <= 4096 else (16, 512, 2) if out_features >= 32768 else (4, 1024, 4)
 
 
 @triton.jit
 def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, eps, NORM: tl.constexpr,
-                       ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       WIDTH: tl.constexpr):
+                       BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     mean = 0.0
@@ -162,7 +169,9 @@ def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, 
             x = ((x - mean) * rstd * nw + nb).to(y_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-    y = acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = acc
+    if BIAS:
+        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if ACT != 0 or RESIDUAL:
         y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the product is rounded before what follows it
     if ACT == 1:
@@ -174,7 +183,7 @@ def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, 
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
 
 
-def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm: torch.nn.LayerNorm | None = None,
+def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.nn.LayerNorm | None = None,
                activation: str | None = None, residual: torch.Tensor | None = None,
                config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """residual + act(LayerNorm(x) @ weight.T + bias) for a single row x, in one kernel.
@@ -191,15 +200,15 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, norm: 
     row = x.reshape(width).contiguous()
     residual = residual.reshape(out_features).contiguous() if residual is not None else None
     out = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
-    block_n, block_k, warps = config or ROW_CONFIGS.get(width, ROW_DEFAULT)
+    block_n, block_k, warps = config or row_config(out_features, width)
     block_k = min(block_k, triton.next_power_of_2(width))
-    norm_w = norm.weight if norm is not None else bias
-    norm_b = norm.bias if norm is not None else bias
+    norm_w = norm.weight if norm is not None else weight  # (unused pointers when the flag is off)
+    norm_b = norm.bias if norm is not None else weight
     eps = norm.eps if norm is not None else 0.0
     _linear_row_kernel[(triton.cdiv(out_features, block_n),)](
-        row, norm_w, norm_b, weight, bias, residual if residual is not None else bias, out, width, out_features,
-        eps, NORM=norm is not None, ACT=ACTIVATIONS[activation] if activation else 0,
-        RESIDUAL=residual is not None, BLOCK_N=block_n, BLOCK_K=block_k, WIDTH=triton.next_power_of_2(width),
-        num_warps=warps,
+        row, norm_w, norm_b, weight, weight if bias is None else bias, weight if residual is None else residual,
+        out, width, out_features, eps, NORM=norm is not None, BIAS=bias is not None,
+        ACT=ACTIVATIONS[activation] if activation else 0, RESIDUAL=residual is not None, BLOCK_N=block_n,
+        BLOCK_K=block_k, WIDTH=triton.next_power_of_2(width), num_warps=warps,
     )
     return out
