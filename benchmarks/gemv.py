@@ -136,9 +136,13 @@ def model_check(results: dict, folder: Path) -> None:
     layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
     kwargs = dict(max_new_tokens=64, min_new_tokens=64)
     out = {}
-    for mode in (True, False):
+    device = torch.device("cuda", torch.cuda.current_device())
+    pdl = kernels.use_pdl(device)
+    for key in (("pdl",) if pdl else ()) + ("one_row", "cublas"):
         for layer in layers:
-            layer.one_row = mode
+            layer.one_row = key == "one_row" or key == "pdl"
+        model.__dict__["_one_row_head"] = key != "cublas"
+        kernels._PDL[(device.type, device.index)] = key == "pdl"
         model.__dict__.pop("_decoders", None)
         with torch.no_grad():
             tokens = model.generate(**inputs, **kwargs)
@@ -165,10 +169,15 @@ def model_check(results: dict, folder: Path) -> None:
                     decoder.step(token).argmax(dim=-1)
                 torch.cuda.synchronize()
                 step_times.append((time.perf_counter() - start) / 32)
-        key = "one_row" if mode else "cublas"
         out[key] = {"caption_s": statistics.median(times), "step_ms": statistics.median(step_times) * 1e3,
                     "tokens": tokens[0].tolist(), "first": first, "step_logits": step_logits}
         print(key, out[key]["caption_s"], out[key]["step_ms"], flush=True)
+    if "pdl" in out:
+        results["model_pdl"] = {"caption_s": out["pdl"]["caption_s"], "step_ms": out["pdl"]["step_ms"],
+                                "same_tokens_as_without": out["pdl"]["tokens"] == out["one_row"]["tokens"],
+                                "step_logits_equal_without": bool(torch.equal(out["pdl"]["step_logits"],
+                                                                              out["one_row"]["step_logits"]))}
+        print("pdl", results["model_pdl"], flush=True)
     a, b = out["one_row"], out["cublas"]
     same = sum(x == y for x, y in zip(a["tokens"], b["tokens"], strict=True))
     rel = float((a["step_logits"] - b["step_logits"]).norm() / b["step_logits"].norm())

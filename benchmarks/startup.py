@@ -64,6 +64,49 @@ def phases() -> None:
         mark("generate 2 tokens again")
 
 
+def micro() -> None:
+    """Each library's first call in a new process, one at a time, then the warm-up's one-layer model alone."""
+    import torch
+    import torch.nn.functional as F
+
+    mark("import torch")
+    torch.empty(1, device="cuda")
+    mark("CUDA context")
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    a, b = torch.randn(71, 2048, **bf), torch.randn(2048, 2048, **bf)
+    mark("randn")
+    torch.mm(a, b)
+    mark("first cuBLAS mm")
+    F.linear(a, b, torch.randn(2048, **bf))
+    mark("first F.linear with bias")
+    F.conv2d(torch.randn(1, 3, 224, 224, **bf), torch.randn(1024, 3, 14, 14, **bf), stride=14)
+    mark("first conv2d (cuDNN)")
+    q = torch.randn(1, 16, 257, 64, **bf)
+    F.scaled_dot_product_attention(q, q, q)
+    mark("first SDPA")
+    q = torch.randn(1, 32, 71, 64, **bf)
+    F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    mark("first causal SDPA")
+    import triton  # noqa: F401
+
+    mark("import triton")
+    from kosmos2_cli import kernels
+
+    mark("import kernels")
+    kernels.layer_norm(a, b[0], b[1], 1e-5)
+    mark("first Triton LayerNorm")
+    kernels.linear_row(a[:1], b, None)
+    mark("first one-row product")
+    from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, warmup
+    from kosmos2_cli.model import _no_init
+
+    with torch.device("meta"), _no_init():
+        copy = Kosmos2ForConditionalGeneration(warmup.small_config(Kosmos2Config()))
+    mark("one-layer copy on meta")
+    warmup._run(copy, torch.device("cuda"), torch.bfloat16)
+    mark("warm-up run (what is left)")
+
+
 def reads() -> dict:
     import torch
 
@@ -100,7 +143,7 @@ def main() -> None:
     if ARGS.reads:
         result = {"reads": reads()}
     else:
-        phases()
+        micro() if ARGS.micro else phases()
         previous = T0
         result = {}
         for name, at in MARKS:
@@ -114,6 +157,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=Path, required=True)
     parser.add_argument("--reads", action="store_true", help="time the checkpoint reader instead")
+    parser.add_argument("--micro", action="store_true", help="first calls of each library, one at a time")
     parser.add_argument("--context-first", action="store_true", help="create the CUDA context before loading")
     ARGS = parser.parse_args()
     main()

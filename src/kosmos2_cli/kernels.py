@@ -6,6 +6,8 @@ GPU idle: about 7 us a call, 97 calls a token. One program per row over the whol
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -63,7 +65,10 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, valid_ptr, used_ptr, out_ptr,
                                     q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
                                     slot_sb, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
-                                    BLOCK: tl.constexpr):
+                                    BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # everything below reads what the kernels before wrote
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     dims = tl.arange(0, HEAD)
@@ -120,12 +125,13 @@ def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     if block is None or warps is None:  # measured (benchmarks/attention.py, H100): fastest for few / many rows
         block, warps = (128, 4) if batch * heads < 2048 else (64, 2)
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
+    pdl = use_pdl(q.device)
     valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     _decode_attention_append_kernel[(batch, heads)](
         q, k_new, v_new, keys, values, slots, valid, used, out, q.stride(0), q.stride(1), k_new.stride(0),
         k_new.stride(1), v_new.stride(0), v_new.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), slots.stride(0), valid.stride(0), out.stride(0),
-        out.stride(1), keys.shape[2], scale, HEAD=head_dim, BLOCK=block, num_warps=warps,
+        out.stride(1), keys.shape[2], scale, HEAD=head_dim, BLOCK=block, PDL=pdl, num_warps=warps, **_launch(pdl),
     )
     return out
 
@@ -144,11 +150,32 @@ def row_config(out_features: int, in_features: int) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _row_chunk(acc, w, x_ptr, nw_ptr, nb_ptr, y_ptr, ks, K, mean, rstd, NORM: tl.constexpr):
+    """acc + w @ x[ks] (x LayerNormed first when NORM), for one BLOCK_K-wide slab of the weight."""
+    k_ok = ks < K
+    x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+    if NORM:
+        nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        nb = tl.load(nb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+        # Rounded to the activations' dtype, as the separate LayerNorm's output is.
+        x = ((x - mean) * rstd * nw + nb).to(y_ptr.dtype.element_ty).to(tl.float32)
+    return acc + tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+
+
+@triton.jit
 def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, eps, NORM: tl.constexpr,
                        BIAS: tl.constexpr, ACT: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, WIDTH: tl.constexpr):
+                       BLOCK_K: tl.constexpr, WIDTH: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    slab = tl.arange(0, BLOCK_K)
+    rows = w_ptr + cols[:, None] * K
+    # The first slab of weights does not depend on the kernel before: with programmatic dependent launch it
+    # loads while that kernel finishes, and only then does this one wait for its input.
+    first = tl.load(rows + slab[None, :], mask=col_ok[:, None] & (slab < K)[None, :], other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     mean = 0.0
     rstd = 1.0
     if NORM:  # every program takes the row's statistics itself (the row is a few KB, read from L2)
@@ -157,18 +184,12 @@ def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, 
         mean = tl.sum(row, axis=0) / K
         centred = tl.where(whole < K, row - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / K + eps)
-    acc = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, K, BLOCK_K):
-        ks = start + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:
-            nw = tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            nb = tl.load(nb_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            # Rounded to the activations' dtype, as the separate LayerNorm's output is.
-            x = ((x - mean) * rstd * nw + nb).to(y_ptr.dtype.element_ty).to(tl.float32)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    acc = _row_chunk(tl.zeros((BLOCK_N,), tl.float32), first, x_ptr, nw_ptr, nb_ptr, y_ptr, slab, K, mean, rstd,
+                     NORM)
+    for start in range(BLOCK_K, K, BLOCK_K):
+        ks = start + slab
+        w = tl.load(rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0)
+        acc = _row_chunk(acc, w, x_ptr, nw_ptr, nb_ptr, y_ptr, ks, K, mean, rstd, NORM)
     y = acc
     if BIAS:
         y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -181,6 +202,19 @@ def _linear_row_kernel(x_ptr, nw_ptr, nb_ptr, w_ptr, b_ptr, r_ptr, y_ptr, K, N, 
     if RESIDUAL:
         y = y + tl.load(r_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=col_ok)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the decode step's kernels: Hopper or newer, a Triton that has it, and
+    not turned off (KOSMOS2_PDL=0)."""
+    key = (device.type, device.index)
+    if key not in _PDL:
+        _PDL[key] = (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+                     and hasattr(tl.extra.cuda, "gdc_wait") and os.environ.get("KOSMOS2_PDL", "1").strip() != "0")
+    return _PDL[key]
+
+
+_PDL: dict = {}
 
 
 def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm: torch.nn.LayerNorm | None = None,
@@ -201,6 +235,7 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     residual = residual.reshape(out_features).contiguous() if residual is not None else None
     out = torch.empty(*x.shape[:-1], out_features, device=x.device, dtype=x.dtype)
     block_n, block_k, warps = config or row_config(out_features, width)
+    pdl = use_pdl(x.device)
     block_k = min(block_k, triton.next_power_of_2(width))
     norm_w = norm.weight if norm is not None else weight  # (unused pointers when the flag is off)
     norm_b = norm.bias if norm is not None else weight
@@ -209,6 +244,10 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         row, norm_w, norm_b, weight, weight if bias is None else bias, weight if residual is None else residual,
         out, width, out_features, eps, NORM=norm is not None, BIAS=bias is not None,
         ACT=ACTIVATIONS[activation] if activation else 0, RESIDUAL=residual is not None, BLOCK_N=block_n,
-        BLOCK_K=block_k, WIDTH=triton.next_power_of_2(width), num_warps=warps,
+        BLOCK_K=block_k, WIDTH=triton.next_power_of_2(width), PDL=pdl, num_warps=warps, **_launch(pdl),
     )
     return out
+
+
+def _launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
