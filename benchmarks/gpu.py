@@ -109,6 +109,7 @@ def main() -> None:
                         help="also time `kosmos2 batch` over N generated 640x480 JPEGs")
     parser.add_argument("--batch-size-e2e", type=int, default=256)
     parser.add_argument("--e2e-profile", action="store_true", help="run the end-to-end batch under cProfile")
+    parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end batch (with --e2e N)")
     parser.add_argument("--load-only", choices=["ours", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="kernel profile of a decode step, GEMV bandwidth, "
                         "and a torch.compile trial")
@@ -352,8 +353,18 @@ def main() -> None:
         results["kernel_decode_attention_cache_exact"] = bool(torch.equal(keys, want_k) and torch.equal(values, want_v))
         x = torch.randn(3, 257, 4096, device=device, dtype=dtype) * 3
         results["kernel_quick_gelu_rel_err"] = rel(kernels.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+        # The batch-1 decode product: LayerNorm, product, bias, gelu (and a residual) in one kernel, in float32.
+        norm = torch.nn.LayerNorm(2048, device=device, dtype=dtype)
+        weight = torch.randn(8192, 2048, device=device, dtype=dtype) * 0.02
+        bias = torch.randn(8192, device=device, dtype=dtype)
+        row = torch.randn(1, 1, 2048, device=device, dtype=dtype) * 2
+        residual = torch.randn(1, 1, 8192, device=device, dtype=dtype)
+        want = torch.nn.functional.gelu(torch.nn.functional.linear(torch.nn.functional.layer_norm(
+            row.float(), (2048,), norm.weight.float(), norm.bias.float()), weight.float(), bias.float())) + residual
+        got = kernels.linear_row(row, weight, bias, norm=norm, activation="gelu", residual=residual)
+        results["kernel_linear_row_rel_err"] = rel(got, want)
         print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"],
-              results["kernel_quick_gelu_rel_err"])
+              results["kernel_quick_gelu_rel_err"], results["kernel_linear_row_rel_err"])
 
     def profile_generate():
         """A whole batch-1 generate(): wall time against GPU busy time, and the host's busiest calls."""
@@ -446,31 +457,35 @@ def main() -> None:
             results["e2e_profile"] = text.getvalue()
             print(text.getvalue()[-9000:], flush=True)
 
-    section("load ours", results, load_ours)
-    if args.profile:
-        section("profile generate", results, profile_generate)
-        section("profile step 1", results, lambda: profile_step(1))
-        section("profile step 256", results, lambda: profile_step(256))
-        section("profile encode 256", results, lambda: profile_encode(256))
-        section("gemv", results, gemv_bandwidth) if not args.quick else None
-    section("kernels", results, kernels_check)
-    section("fast vs plain", results, fast_vs_plain)
-    for n in (1, 64, 256, 512):
-        section(f"breakdown {n}", results, lambda n=n: breakdown(n))
-    if not args.no_reference:
-        section("load reference", results, load_reference)
-        section("fidelity", results, fidelity)
-    section("ours", results, lambda: latency_and_throughput("ours", ours_sizes))
-    if not args.no_reference:
-        section("reference", results, lambda: latency_and_throughput("ref", ref_sizes))
+    def run_all() -> None:
+        section("load ours", results, load_ours)
+        if args.profile:
+            section("profile generate", results, profile_generate)
+            section("profile step 1", results, lambda: profile_step(1))
+            section("profile step 256", results, lambda: profile_step(256))
+            section("profile encode 256", results, lambda: profile_encode(256))
+            section("gemv", results, gemv_bandwidth) if not args.quick else None
+        section("kernels", results, kernels_check)
+        section("fast vs plain", results, fast_vs_plain)
+        for n in (1, 64, 256, 512):
+            section(f"breakdown {n}", results, lambda n=n: breakdown(n))
+        if not args.no_reference:
+            section("load reference", results, load_reference)
+            section("fidelity", results, fidelity)
+        section("ours", results, lambda: latency_and_throughput("ours", ours_sizes))
+        if not args.no_reference:
+            section("reference", results, lambda: latency_and_throughput("ref", ref_sizes))
 
+    if not args.e2e_only:
+        run_all()
     if args.e2e:
-        del state["ours"]
+        state.pop("ours", None)
         state.pop("ref", None)
         gc.collect()
         torch.cuda.empty_cache()
         section("end to end", results, end_to_end)
-    section("fresh loads", results, fresh_loads)
+    if not args.e2e_only:
+        section("fresh loads", results, fresh_loads)
 
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
