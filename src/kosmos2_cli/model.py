@@ -850,10 +850,10 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
                 module.fast = fast_norm
             if isinstance(module, (VisionLayer, DecoderLayer)) and fast_norm and module.act is _quick_gelu:
                 module.act = _fast_quick_gelu
-            if isinstance(module, DecoderLayer):
-                module.one_row = (fast_norm and isinstance(module.self_attn.qkv, tuple)
-                                  and module.self_attn.inner_attn_ln is not None
-                                  and module.activation_name in fused_activations)
+        for layer in self.text_model.model.layers:  # after the loop above has fused every q/k/v
+            layer.one_row = (fast_norm and isinstance(layer.self_attn.qkv, tuple)
+                             and layer.self_attn.inner_attn_ln is not None
+                             and layer.activation_name in fused_activations)
         self._one_row_head = fast_norm and self.text_model.lm_head.weight.is_contiguous()
         if fast_norm:
             # cuBLAS falls back to a slow kernel for 65,037 output rows; a copy padded to a multiple of 64 is fast.
