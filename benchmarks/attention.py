@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+from common import graph_time
 
 from kosmos2_cli.cache import KVCache
 from kosmos2_cli.kernels import decode_attention_append
@@ -25,24 +26,6 @@ def reference(q, keys, values, valid, scale):
     scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     return scores.softmax(-1) @ values.float()
-
-
-def graph_time(fn, repeat: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(LAYERS):
-            fn()
-    times = []
-    for _ in range(repeat):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3 / LAYERS)
-    return sorted(times)[len(times) // 2]
 
 
 def measure(batch: int, length: int, capacity: int, device: torch.device, dtype: torch.dtype) -> list[dict]:
@@ -87,7 +70,7 @@ def measure(batch: int, length: int, capacity: int, device: torch.device, dtype:
         out = fn()
         same_cache = bool(torch.equal(cache.keys[0], written_k) and torch.equal(cache.values[0], written_v))
         err = ((out.float() - want).norm() / want.norm()).item()
-        seconds = graph_time(fn)
+        seconds = graph_time([fn] * LAYERS, 20)
         rows.append({"batch": batch, "variant": name, "rel_err": err, "cache_written": same_cache,
                      "us": seconds * 1e6, "GB/s": read_bytes / seconds / 1e9})
         print(rows[-1], flush=True)

@@ -69,6 +69,29 @@ def median_time(fn, repeat: int, sync=None) -> float:
     return statistics.median(times)
 
 
+def graph_time(calls: list, repeat: int = 10) -> float:
+    """Median seconds per call of `calls` (thunks launching GPU work) captured in one CUDA graph and replayed:
+    launch gaps as small as the GPU allows, timed with events."""
+    import torch
+
+    for call in calls[:2]:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(repeat):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3 / len(calls))
+    return statistics.median(times)
+
+
 def dump(path: Path | None, data: dict) -> None:
     if path is not None:
         path.write_text(json.dumps(data, indent=2))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import graph_time
 
 from kosmos2_cli import kernels
 
@@ -24,26 +25,6 @@ SHAPES = {"qkv": (6144, 2048), "out_proj": (2048, 2048), "fc1": (8192, 2048), "f
           "head": (65037, 2048)}
 CONFIGS = [(n, k, w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (2, 4, 8)]
 DTYPE = torch.bfloat16
-
-
-def graph_time(calls, repeat: int = 10) -> float:
-    """Median seconds per call of `calls` (a list of thunks) replayed as one graph."""
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    times = []
-    for _ in range(repeat):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def copies_of(out_f: int, in_f: int):

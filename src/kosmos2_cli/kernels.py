@@ -1,7 +1,12 @@
 """Triton kernels for the CUDA fast path (imported only where Triton and a GPU are present).
 
-PyTorch's LayerNorm kernel gives each row a small block, which at decode time (one row per sequence) leaves the
-GPU idle: about 7 us a call, 97 calls a token. One program per row over the whole width takes ~2 us.
+- `layer_norm`: one program per row over the whole width. PyTorch's kernel gives each row a small block, which
+  at decode time (one row per sequence) leaves the GPU idle: ~7 us a call against ~2 us.
+- `quick_gelu`: the vision encoder's activation in one pass instead of three.
+- `decode_attention_append`: a decode step's attention, writing the step's key and value into the cache too.
+- `linear_row`: a batch-1 decode step's matrix-vector products with their LayerNorm, bias, activation and
+  residual inside, chained with programmatic dependent launch on Hopper (`use_pdl`).
+Each is checked against PyTorch in benchmarks/gpu.py and, through the model, in tests/test_fast_path.py.
 """
 
 from __future__ import annotations
@@ -222,10 +227,12 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                config: tuple[int, int, int] | None = None) -> torch.Tensor:
     """residual + act(LayerNorm(x) @ weight.T + bias) for a single row x, in one kernel.
 
-    A decode step at batch 1 is ~10 small kernels a layer around four matrix-vector products; each costs a
-    launch gap inside the graph. Here each product takes its LayerNorm (the row's statistics are recomputed per
-    program: a few KB), its bias, activation and residual with it: four kernels a layer plus attention. Each
-    intermediate is rounded to the activations' dtype where the separate kernels round it.
+    A decode step at batch 1 reads every weight once, so it is as fast as its matrix-vector products stream
+    weights: cuBLAS reached 1.2-2.3 TB/s on the decoder's shapes (1.7 on the head) with ~10 small kernels a layer
+    around them. Here each product takes its LayerNorm (the row's statistics are recomputed per program: a few
+    KB), bias, activation and residual with it, with a block shape measured per weight shape: four kernels a
+    layer plus attention (H100: 1.84 -> 1.39 ms a step with programmatic dependent launch). Each intermediate is
+    rounded to the activations' dtype where the separate kernels round it.
     """
     width = x.shape[-1]
     out_features = weight.shape[0]
