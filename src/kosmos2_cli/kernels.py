@@ -215,7 +215,8 @@ def use_pdl(device: torch.device) -> bool:
     key = (device.type, device.index)
     if key not in _PDL:
         _PDL[key] = (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-                     and hasattr(tl.extra.cuda, "gdc_wait") and os.environ.get("KOSMOS2_PDL", "1").strip() != "0")
+                     and hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
+                     and os.environ.get("KOSMOS2_PDL", "1").strip() != "0")
     return _PDL[key]
 
 
