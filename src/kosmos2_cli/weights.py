@@ -1,8 +1,9 @@
 """Reading and writing checkpoints: safetensors only, tensor by tensor, straight to the target device and dtype.
 
-Nothing is ever unpickled. A missing, unexpected or mis-shaped tensor is an error that names it. Files are
+Nothing is ever unpickled. A missing, unexpected or mis-shaped tensor is an error that names it. For a GPU the
+files are read in parallel into pinned memory and converted there (`staging`). Otherwise they are
 memory-mapped: a tensor kept in the file's dtype on the CPU is the file's pages (no copy); a converted one
-(another dtype, int8, a GPU) hands its pages back once converted, so the peak stays near the model's own size.
+(another dtype, int8) hands its pages back once converted, so the peak stays near the model's own size.
 """
 
 from __future__ import annotations
@@ -60,10 +61,7 @@ def _open(path: Path) -> MappedSafetensors:
 
 def _to_target(view: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The file's tensor on `device` in `dtype`; on the CPU in the file's own dtype it stays a view of the map."""
-    if not view.is_floating_point():
-        return view.to(device)
-    # On a GPU, convert after the copy: the host never holds a converted second copy.
-    return view.to(device).to(dtype) if device.type == "cuda" else view.to(dtype).to(device)
+    return view.to(dtype).to(device) if view.is_floating_point() else view.to(device)
 
 
 def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
