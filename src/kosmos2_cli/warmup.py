@@ -52,7 +52,7 @@ def _run(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    from kosmos2_cli.weights import _rebuild_buffers
+    from kosmos2_cli.weights import rebuild_buffers
 
     for module in model.modules():
         for name, param in list(module._parameters.items()):
@@ -60,7 +60,7 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
                 value = torch.randn(param.shape, device=device, dtype=dtype) * 0.02
                 module._parameters[name] = nn.Parameter(value, requires_grad=False)
     model.tie_weights()
-    _rebuild_buffers(model, device)
+    rebuild_buffers(model, device)
     model.eval()
     model.fuse_for_inference()
     return model
