@@ -27,6 +27,11 @@ def _looks_like_repo_id(name: str) -> bool:
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~")) and "\\" not in name
 
 
+def offline_mode() -> bool:
+    """HF_HUB_OFFLINE is set: nothing will be downloaded, only the cache is looked at."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
 def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, *, download: bool = True) -> Path:
     """A local folder holding the model's files, downloading them into the hub cache on first use.
 
@@ -51,7 +56,7 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, *, 
         RevisionNotFoundError,
     )
 
-    offline = not download or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    offline = not download or offline_mode()
     try:
         folder = snapshot_download(name, revision=revision, allow_patterns=MODEL_FILES, local_files_only=offline)
     except GatedRepoError as err:

@@ -51,7 +51,7 @@ def open_engine(settings: Settings, reporter: Reporter):
 
 def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
     """A local folder holding the model: `model` itself, its cached snapshot, or a fresh download into the cache."""
-    from kosmos2_cli.hub import ModelNotFoundError, cached_model_dir, resolve_model_dir
+    from kosmos2_cli.hub import ModelNotFoundError, cached_model_dir, offline_mode, resolve_model_dir
 
     local = Path(model).expanduser()
     if local.is_dir():
@@ -60,7 +60,7 @@ def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
         cached = cached_model_dir(model, revision)
         if cached is not None:
             return cached
-        if not local.exists():
+        if not local.exists() and not offline_mode():  # offline, the error below says what to do instead
             reporter.note(f"downloading {model} into the Hugging Face cache (once; later runs use the cache)")
         if reporter.quiet:
             from huggingface_hub.utils import disable_progress_bars

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ def gather_info(model: str, revision: str | None = None) -> dict[str, Any]:
     import torch
 
     from kosmos2_cli.devices import resolve_device, resolve_dtype
-    from kosmos2_cli.hub import cached_model_dir
+    from kosmos2_cli.hub import cached_model_dir, offline_mode
 
     device = resolve_device("auto")
     cuda = torch.cuda.is_available()
@@ -49,7 +48,7 @@ def gather_info(model: str, revision: str | None = None) -> dict[str, Any]:
             "size_bytes": _size(folder) if folder else None,
         },
         "hub_cache": _hub_cache(),
-        "offline": os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"},
+        "offline": offline_mode(),
     }
 
 
