@@ -102,3 +102,40 @@ def test_warmup_runs_a_one_layer_copy_and_leaves_the_model_alone(trained_dir):
     lesson = trained.LESSONS[0]
     model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir)
     assert _answers(model, [lesson]) == [trained.expected(lesson).ids]
+
+
+def test_patch_embedding_as_a_product_equals_the_convolution(trained_dir):
+    """On CUDA the fast path embeds patches with one matrix product over the unfolded image (no cuDNN); the same
+    sums as the strided convolution, for the trained size and for an interpolated one (leftover pixels dropped)."""
+    model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir)
+    embeddings = model.vision_model.model.embeddings
+    torch.manual_seed(0)
+    for shape in ((2, 3, 224, 224), (1, 3, 238, 253)):
+        pixels = torch.randn(shape)
+        want = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        got = embeddings._patch_product(pixels)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    model.fuse_for_inference()
+    assert embeddings.patch_product  # used where the pixels are on CUDA
+
+
+@torch.no_grad()
+def test_small_batches_on_cuda_attend_with_flash_attention(models, monkeypatch):
+    """Batch-1 attention without a padding mask calls FlashAttention directly on CUDA (no cuDNN plans to build
+    at start-up); on the CPU it never does. The answers stay the lessons'."""
+    import kosmos2_cli.model as model_module
+
+    plain, fast = models
+    picked = []
+    original = model_module._flash_fits
+
+    def spy(*args):
+        picked.append(original(*args))
+        return picked[-1]
+
+    monkeypatch.setattr(model_module, "_flash_fits", spy)
+    lesson = trained.LESSONS[0]
+    assert _answers(fast, [lesson]) == [trained.expected(lesson).ids]
+    on_cuda = fast.device.type == "cuda"
+    assert picked and any(picked) == on_cuda

@@ -193,11 +193,11 @@ def generate(
     if attention_mask is not None:
         valid &= attention_mask.to(device=device, dtype=torch.bool)
     image_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.to(device)
-    aligned_ids, aligned_valid, aligned_image_mask = left_align(valid, input_ids, valid, image_mask)
     if image_embeds is not None and image_mask is None:
         raise ValueError("image_embeds_position_mask is needed to place the image in the prompt")
-
-    unpadded = bool(aligned_valid.all())  # one read-back per call: lets the prompt use plain causal attention
+    unpadded = bool(valid.all())  # one read-back per call: lets the prompt use plain causal attention
+    aligned_ids, aligned_valid, aligned_image_mask = (
+        (input_ids, valid, image_mask) if unpadded else left_align(valid, input_ids, valid, image_mask))
     stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
     no_eos = _EosBlocker(torch.tensor(eos, device=device), min_new_tokens)
     if num_beams > 1:

@@ -1,8 +1,8 @@
 """CUDA's one-time start-up costs, paid on a background thread while the weights load.
 
 A new process's first image encoding on an H100 took ~1 s longer than its second, and its first prompt ~0.4 s
-longer: CUDA loads each library kernel on first use (cuBLAS, cuDNN for the patch embedding, the attention
-kernels) and Triton loads its compiled kernels. None of that needs the weights. So `from_pretrained` runs a
+longer: CUDA loads each library kernel on first use (cuBLAS, the attention and sort kernels) and Triton loads
+its compiled kernels. None of that needs the weights. So `from_pretrained` runs a
 one-layer copy of the model (same widths, random weights) through an image, a prompt and a decode step on this
 thread, while its reader threads copy the checkpoint; the real model then finds everything loaded.
 KOSMOS2_WARMUP=0 turns it off. A failure here only means the first call pays those costs itself.
@@ -67,17 +67,20 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _exercise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """An image, a prompt and a decode step, eagerly (no graph capture: the loader's threads use CUDA meanwhile)."""
-    from kosmos2_cli.generate import Decoder
+    """`generate` for one token (its first calls of a shape run uncaptured), a padded prompt's reordering, and a
+    decode step, all eagerly: no graph capture while the loader's threads use CUDA."""
+    from kosmos2_cli.generate import Decoder, left_align
 
     config = model.config
     size = config.vision_config.image_size
-    embeds = model.get_image_features(torch.randn(1, 3, size, size, device=device, dtype=dtype))
+    pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
     images = config.latent_query_num
     ids = torch.full((1, images + PROMPT_TOKENS), 5, dtype=torch.long, device=device)
     where = torch.zeros_like(ids, dtype=torch.bool)
     where[:, 2 : 2 + images] = True
+    model.generate(pixel_values=pixels, input_ids=ids, image_embeds_position_mask=where, max_new_tokens=1)
+    left_align(where, ids)  # prompts of different lengths: the sort kernels' first call took 0.13 s
     decoder = Decoder(model, 1, ids.shape[1] + 64, device, graphs=False)
     decoder.static = True  # the decode step's fixed-shape kernels, as under a graph
-    logits = decoder.prefill(ids, torch.ones_like(where), embeds, where, unpadded=True)
+    logits = decoder.prefill(ids, torch.ones_like(where), model.get_image_features(pixels), where, unpadded=True)
     decoder.step(logits.argmax(dim=-1))
