@@ -65,7 +65,7 @@ def phases() -> None:
 
 
 def micro() -> None:
-    """Each library's first call in a new process, one at a time, then the warm-up's one-layer model alone."""
+    """Each library's first call in a new process, one at a time."""
     import torch
     import torch.nn.functional as F
 
@@ -97,14 +97,6 @@ def micro() -> None:
     mark("first Triton LayerNorm")
     kernels.linear_row(a[:1], b, None)
     mark("first one-row product")
-    from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, warmup
-    from kosmos2_cli.model import _no_init
-
-    with torch.device("meta"), _no_init():
-        copy = Kosmos2ForConditionalGeneration(warmup.small_config(Kosmos2Config()))
-    mark("one-layer copy on meta")
-    warmup._run(copy, torch.device("cuda"), torch.bfloat16)
-    mark("warm-up run (what is left)")
 
 
 def reads() -> dict:

@@ -145,3 +145,22 @@ def test_pipelined_run_loads_the_model_first_on_the_model_thread(monkeypatch):
     assert engine.events[0] == ("load", "kosmos2-model")
     assert [kind for kind, _ in engine.events] == ["load", "start", "start", "start"]
     assert {thread for _, thread in engine.events} == {"kosmos2-model"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="staging copies pixels to a GPU (none here)")
+def test_collated_pixels_are_staged_on_the_gpu_unchanged(trained_dir):
+    """On a GPU the runner's thread collates a batch and starts its copy on a side stream; the model thread
+    takes the pixels after its stream waited for the copy. They arrive bit for bit."""
+    import numpy as np
+    from oracle import fixture_images
+
+    from kosmos2_cli.engine import PipelineEngine, Staged
+
+    engine = PipelineEngine(trained_dir, device="cuda")
+    prepared = [engine.prepare(str(path), SPEC) for path in fixture_images()[:3]]
+    staged = engine.collate(prepared)
+    assert isinstance(staged, Staged)
+    pixels = staged.take()
+    assert pixels.is_cuda
+    want = torch.from_numpy(np.concatenate([item.inputs for item in prepared]))
+    assert torch.equal(pixels.cpu(), want)

@@ -44,6 +44,33 @@ class Picture:
         return self.width, self.height
 
 
+@dataclass
+class Staged:
+    """Pixels copied to the GPU on a side stream; `take` them on the stream that will use them."""
+
+    pixels: Any
+    ready: Any
+
+    @classmethod
+    def copy(cls, pinned, stream) -> Staged:
+        import torch
+
+        with torch.cuda.stream(stream):
+            pixels = pinned.to(stream.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return cls(pixels, ready)
+
+    def take(self):
+        """The pixels, once the current stream has waited (on the GPU, not here) for their copy."""
+        import torch
+
+        current = torch.cuda.current_stream(self.pixels.device)
+        current.wait_event(self.ready)
+        self.pixels.record_stream(current)  # freed later on this stream: not reused before it is done with them
+        return self.pixels
+
+
 def prepare_image(image_processor, name: str, spec: TaskSpec, keep_image: bool = True) -> Prepared:
     """Load, check and preprocess one image (CPU work that needs no model). Pixels come back as a float32
     (1, 3, H, W) array, which crosses process boundaries cheaply."""
@@ -142,21 +169,36 @@ class PipelineEngine:
         return self.finish(self.start(batch, spec), spec)
 
     def collate(self, batch: Sequence[Prepared]):
-        """The batch's pixels as one tensor, in page-locked memory when bound for a GPU (copied to it without
-        blocking). Done by the runner's thread while the model thread is busy with the previous batch."""
+        """The batch's pixels as one tensor; bound for a GPU, already on their way there (`Staged`).
+
+        Done by the runner's thread while the model thread is busy with the previous batch: the pixels go into
+        page-locked memory and their copy to the GPU runs on a stream of its own, beside the previous batch's
+        work, instead of in front of this batch's image encoder (at 256 images, 154 MB each time).
+        """
         import numpy as np
         import torch
 
         shape = (sum(item.inputs.shape[0] for item in batch), *batch[0].inputs.shape[1:])
-        pixels = torch.empty(shape, dtype=torch.float32, pin_memory=self.on_gpu and torch.cuda.is_available())
+        to_gpu = self.on_gpu and torch.cuda.is_available()
+        pixels = torch.empty(shape, dtype=torch.float32, pin_memory=to_gpu)
         np.concatenate([item.inputs for item in batch], out=pixels.numpy())
-        return pixels
+        return Staged.copy(pixels, self._staging_stream()) if to_gpu else pixels
+
+    def _staging_stream(self):
+        import torch
+
+        if self.__dict__.get("_stream") is None:
+            from kosmos2_cli.devices import resolve_device
+
+            self._stream = torch.cuda.Stream(resolve_device(self.device))
+        return self._stream
 
     def start(self, batch: Sequence[Prepared], spec: TaskSpec, pixels=None):
         """The device's half of `infer` (image encoder, generation): may run on a thread of its own while the
         previous batch `finish`es. `pixels`: `collate(batch)`, if already made."""
         kosmos = self.kosmos
-        embeds = kosmos.encode_pixels(self.collate(batch) if pixels is None else pixels)
+        pixels = self.collate(batch) if pixels is None else pixels
+        embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
         jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
         return len(batch), kosmos.start([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
 

@@ -169,8 +169,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | object | None, dropou
     """Scaled dot-product attention; `mask` is a boolean/additive mask, None, or CAUSAL.
 
     On Hopper PyTorch picks cuDNN's attention, which builds an execution plan for each shape on each thread: the
-    first calls of a new process took 0.07-1 s apiece on an H100 (and the warm-up thread's plans do not serve
-    the main thread), where FlashAttention starts in 0.03 s. Small batches (a caption, a few prompts: start-up
+    first calls of a new process took 0.07-1 s apiece on an H100 (and again on each new thread), where
+    FlashAttention starts in 0.03 s. Small batches (a caption, a few prompts: start-up
     dominates) therefore call FlashAttention directly; larger ones keep PyTorch's choice, ~5% faster there.
     """
     causal = mask is CAUSAL
@@ -653,14 +653,7 @@ class Kosmos2PreTrainedModel(nn.Module):
         target = resolve_device(device)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
         quantized = target_dtype == torch.int8
-        from kosmos2_cli import warmup
-
-        warming = None
         with torch.device("meta"), _no_init():
-            if warmup.wanted(target) and not quantized:
-                # CUDA's one-time costs on a thread of their own while the weights load (see warmup.py).
-                warming = warmup.start(Kosmos2ForConditionalGeneration(warmup.small_config(config)), target,
-                                       target_dtype)
             model = cls(config)
             if quantized:
                 from kosmos2_cli.quant import quantize_modules
@@ -679,8 +672,6 @@ class Kosmos2PreTrainedModel(nn.Module):
             from kosmos2_cli.quant import free_scratch
 
             free_scratch("quantize")
-        if warming is not None:
-            warming.join()
         return model.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:

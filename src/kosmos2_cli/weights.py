@@ -126,7 +126,7 @@ def load_weights(model: nn.Module, folder: Path, device: torch.device, dtype: to
     expected.check_complete()
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    rebuild_buffers(model, device)
+    _rebuild_buffers(model, device)
 
 
 def _streams(model: nn.Module, device: torch.device) -> bool:
@@ -179,7 +179,7 @@ def _load_streamed(model: nn.Module, files: list[Path], expected: _Expected, dev
         raise WeightsError(f"{files[0].parent}: cannot read the weights ({err})") from err
 
 
-def rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
     """The buffers no checkpoint holds (the sinusoidal positions), made on `device` for a model built on meta."""
     from kosmos2_cli.model import sinusoidal_table
 
