@@ -82,11 +82,10 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
              summary: Summary) -> None:
     from kosmos2_cli.engine import ModelLoadError
     from kosmos2_cli.run import open_engine
-    from kosmos2_cli.runner import Runner, default_batch_size, use_processes
+    from kosmos2_cli.runner import Runner, use_processes
 
     engine = open_engine(settings, reporter)
-    batch_size = settings.batch_size or default_batch_size(engine)
-    runner = Runner(engine, spec, batch_size, settings.workers or None, notice=reporter.warning,
+    runner = Runner(engine, spec, settings.batch_size or None, settings.workers or None, notice=reporter.warning,
                     processes=use_processes(len(todo)), keep_images=bool(settings.annotate_dir))
     drawings: list[Future] = []
     painter = ThreadPoolExecutor(2, thread_name_prefix="kosmos2-draw") if settings.annotate_dir else None

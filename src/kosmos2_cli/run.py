@@ -74,7 +74,7 @@ def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
 def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitCode:
     """Run `spec` over the images of `inputs`; results to stdout as they are done."""
     from kosmos2_cli.engine import ModelLoadError
-    from kosmos2_cli.runner import Runner, default_batch_size
+    from kosmos2_cli.runner import Runner
 
     reporter = Reporter(json_mode=settings.json, quiet=settings.quiet)
     for warning in settings.check():
@@ -85,8 +85,7 @@ def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitC
     if settings.draw is not None and len(names) > 1:
         raise CliError(f"--draw writes one image, and {len(names)} are given; use --annotate-dir DIR for several")
     engine = open_engine(settings, reporter)
-    batch_size = settings.batch_size or default_batch_size(engine)
-    runner = Runner(engine, spec, batch_size, settings.workers or None, notice=reporter.warning)
+    runner = Runner(engine, spec, settings.batch_size or None, settings.workers or None, notice=reporter.warning)
     failed = 0
     drawing_failed = False
     with reporter.progress(len(names), spec.describe(), bar=len(names) > 1) as progress:

@@ -77,11 +77,12 @@ def _prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
 
 
 class Runner:
-    """One task over a stream of image names, `batch_size` images per model call."""
+    """One task over a stream of image names, `batch_size` images per model call (None: `default_batch_size`)."""
 
-    def __init__(self, engine: Engine, spec: TaskSpec, batch_size: int = 8, workers: int | None = None,
+    def __init__(self, engine: Engine, spec: TaskSpec, batch_size: int | None = None, workers: int | None = None,
                  prefetch: int | None = None, notice: Callable[[str], None] | None = None,
                  processes: bool = False, keep_images: bool = True) -> None:
+        batch_size = default_batch_size(engine) if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.engine = engine
