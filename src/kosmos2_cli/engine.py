@@ -127,6 +127,7 @@ class PipelineEngine:
         with _loading(self.folder):
             self.processor = Kosmos2Processor.from_pretrained(self.folder)
         self._kosmos = None
+        self._stream = None  # the side stream `collate` copies pixels to the GPU on (made on first use)
         self.on_load = on_load  # called with True before the weights load, False after
 
     @property
@@ -187,7 +188,7 @@ class PipelineEngine:
     def _staging_stream(self):
         import torch
 
-        if self.__dict__.get("_stream") is None:
+        if self._stream is None:
             from kosmos2_cli.devices import resolve_device
 
             self._stream = torch.cuda.Stream(resolve_device(self.device))

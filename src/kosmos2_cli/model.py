@@ -170,8 +170,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | object | None, dropou
 
     On Hopper PyTorch picks cuDNN's attention, which builds an execution plan for each shape on each thread: the
     first calls of a new process took 0.07-1 s apiece on an H100 (and again on each new thread), where
-    FlashAttention starts in 0.03 s. Small batches (a caption, a few prompts: start-up
-    dominates) therefore call FlashAttention directly; larger ones keep PyTorch's choice, ~5% faster there.
+    FlashAttention starts in 0.03 s. Small batches (a caption, a few prompts: start-up dominates) therefore call
+    FlashAttention directly; larger ones keep PyTorch's choice, ~5% faster there.
     """
     causal = mask is CAUSAL
     if _flash_fits(q, k, mask, dropout):
