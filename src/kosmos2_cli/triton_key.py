@@ -40,7 +40,7 @@ def remember() -> bool:
     return True
 
 
-def stamp(cache_module: Path) -> str:
+def _stamp(cache_module: Path) -> str:
     """A digest of the path, size and modification time of every file the fingerprint is computed from."""
     import triton
 
@@ -70,7 +70,7 @@ def _folder() -> Path:
 def _stored(compute, cache_module: Path) -> str:
     """The fingerprint from its file, or computed by Triton and written there (atomically) for next time."""
     try:
-        path = _folder() / f"kosmos2-triton-key-{stamp(cache_module)}.txt"
+        path = _folder() / f"kosmos2-triton-key-{_stamp(cache_module)}.txt"
         if path.is_file():
             value = path.read_text(encoding="utf-8")
             if value:
