@@ -382,8 +382,16 @@ def main() -> None:
             row.float(), (2048,), norm.weight.float(), norm.bias.float()), weight.float(), bias.float())) + residual
         got = kernels.linear_row(row, weight, bias, norm=norm, activation="gelu", residual=residual)
         results["kernel_linear_row_rel_err"] = rel(got, want)
-        print("kernels", results["kernel_layer_norm_rel_err"], results["kernel_decode_attention_rel_err"],
-              results["kernel_quick_gelu_rel_err"], results["kernel_linear_row_rel_err"])
+        # The residual add + LayerNorm and GELU + LayerNorm passes of the batched layers.
+        x, h = torch.randn(37, 2048, device=device, dtype=dtype) * 3, torch.randn(37, 2048, device=device, dtype=dtype)
+        total, normed = kernels.add_layer_norm(x, h, norm)
+        results["kernel_add_layer_norm_rel_err"] = rel(normed, norm(x + h))
+        results["kernel_add_layer_norm_sum_exact"] = bool(torch.equal(total, x + h))
+        wide = torch.nn.LayerNorm(8192, device=device, dtype=dtype)
+        y = torch.randn(37, 8192, device=device, dtype=dtype) * 2
+        results["kernel_gelu_layer_norm_rel_err"] = rel(kernels.gelu_layer_norm(y, wide),
+                                                        wide(torch.nn.functional.gelu(y)))
+        print("kernels", {k: v for k, v in results.items() if k.startswith("kernel_")}, flush=True)
 
     def profile_generate():
         """A whole batch-1 generate(): wall time against GPU busy time, and the host's busiest calls."""
@@ -543,7 +551,8 @@ def print_table(results: dict) -> None:
                 "generate_wall_ms", "generate_gpu_busy_ms", "fast_vs_plain_first_step_rel_err",
                 "fast_vs_plain_same_tokens", "fresh_load_ours_s", "fresh_load_ref_s", "fresh_load_ours_phases",
                 "fresh_load_ref_phases", "import_torch_s_with_bytecode_cache",
-                "kernel_linear_row_rel_err", "e2e",
+                "kernel_linear_row_rel_err", "kernel_add_layer_norm_rel_err", "kernel_add_layer_norm_sum_exact",
+                "kernel_gelu_layer_norm_rel_err", "e2e",
                 "ours_load_phases_s", "errors"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")

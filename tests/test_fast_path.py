@@ -116,3 +116,53 @@ def test_small_batches_on_cuda_attend_with_flash_attention(models, monkeypatch):
     fast(**inputs)  # a plain forward pass (generate may replay captured graphs, which call no Python)
     assert picked and any(picked) == (fast.device.type == "cuda")
     assert _answers(fast, [lesson]) == [trained.expected(lesson).ids]
+
+
+@torch.no_grad()
+def test_carried_residual_adds_give_the_layers_numbers(models, monkeypatch):
+    """After fuse_for_inference each layer leaves its last residual add to the LayerNorm of the next (one Triton
+    pass on CUDA). The image embeddings and logits are those of the same model with the adds done apart: bit for
+    bit on the CPU (the same operations), within bf16 rounding on CUDA, with the same next token."""
+    import kosmos2_cli.model as model_module
+
+    _, fast = models
+    calls = []
+    for cls in (model_module.VisionLayer, model_module.DecoderLayer):
+        original = cls.carried
+
+        def spy(self, *args, original=original):
+            calls.append(type(self).__name__)
+            return original(self, *args)
+
+        monkeypatch.setattr(cls, "carried", spy)
+    inputs = {k: v.to(fast.device) for k, v in trained.prompt_inputs(trained.LESSONS[0]).items()}
+    got = fast(**inputs)
+    assert len(calls) == len(fast.text_model.model.layers) + len(fast.vision_model.model.encoder.layers)
+    transformers = (fast.text_model.model, fast.vision_model.model)
+    for module in transformers:
+        monkeypatch.setattr(module, "carry", False)
+    want = fast(**inputs)
+    for a, b in ((got.image_embeds, want.image_embeds), (got.logits, want.logits)):
+        if fast.device.type == "cpu":
+            assert torch.equal(a, b)
+        else:
+            assert float((a.float() - b.float()).norm() / b.float().norm()) < 5e-3
+    assert torch.equal(got.logits[:, -1].argmax(-1), want.logits[:, -1].argmax(-1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+def test_fused_norm_kernels_equal_the_separate_operations():
+    """add_layer_norm and gelu_layer_norm round where the separate kernels round: the sum bit for bit, the normed
+    rows within one bf16 step of PyTorch's LayerNorm."""
+    kernels = pytest.importorskip("kosmos2_cli.kernels")
+    torch.manual_seed(0)
+    for width, rows in ((1024, 3 * 257), (2048, 5), (8192, 7)):
+        norm = torch.nn.LayerNorm(width, device="cuda", dtype=torch.bfloat16)
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+        x, h = (torch.randn(rows, width, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        total, normed = kernels.add_layer_norm(x, h, norm)
+        assert torch.equal(total, x + h)
+        torch.testing.assert_close(normed, norm(x + h), atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(kernels.gelu_layer_norm(x, norm), norm(torch.nn.functional.gelu(x)), atol=2e-2,
+                                   rtol=1e-2)

@@ -120,7 +120,7 @@ class Decoder:
     def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask, unpadded: bool = False) -> Tensor:
         hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
                                               None, unpadded)
-        return self.model.logits(hidden[:, -1]).float()
+        return self.model.logits(hidden[:, -1])  # in the model's dtype: greedy picks from it as from fp32
 
     def reorder(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
@@ -234,7 +234,7 @@ def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor
     for step in range(max_new_tokens):
         logits = no_eos(logits, step)
         if do_sample:
-            probs = warp_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+            probs = warp_logits(logits.float(), temperature, top_k, top_p).softmax(dim=-1)
             chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             chosen = logits.argmax(dim=-1)
@@ -307,7 +307,7 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
 
     cur = prompt_len
     while True:
-        log_probs = no_eos(F.log_softmax(logits, dim=-1), cur - prompt_len)
+        log_probs = no_eos(F.log_softmax(logits.float(), dim=-1), cur - prompt_len)
         if do_sample:
             log_probs = warp_logits(log_probs, temperature, top_k, top_p, keep=1 + len(stops))
         vocab = log_probs.shape[-1]

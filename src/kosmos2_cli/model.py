@@ -65,6 +65,25 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x)
 
 
+def _add_norm(x: Tensor, h: Tensor, norm: LayerNorm) -> tuple[Tensor, Tensor]:
+    """(x + h, norm(x + h)): one Triton pass where the LayerNorm is fast, else the two operations."""
+    if norm.fast and x.is_cuda:
+        from kosmos2_cli.kernels import add_layer_norm
+
+        return add_layer_norm(x, h, norm)
+    x = x + h
+    return x, norm(x)
+
+
+def _act_norm(h: Tensor, name: str, act, norm: LayerNorm) -> Tensor:
+    """norm(act(h)); the decoder's exact GELU and its LayerNorm in one Triton pass where the LayerNorm is fast."""
+    if norm.fast and h.is_cuda and name == "gelu":
+        from kosmos2_cli.kernels import gelu_layer_norm
+
+        return gelu_layer_norm(h, norm)
+    return norm(act(h))
+
+
 @dataclass
 class ModelOutput:
     """Attribute and key access to a forward pass's results (None fields are absent from `keys()`)."""
@@ -337,6 +356,13 @@ class VisionLayer(nn.Module):
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp.fc2(self.act(self.mlp.fc1(self.layer_norm2(x))))
 
+    def carried(self, x: Tensor, pending: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`forward` with the residual adds moved into the LayerNorms that read them (inference): the input is
+        x + pending, and the output (x, pending) leaves the last add to the next layer."""
+        x, h = (x, self.layer_norm1(x)) if pending is None else _add_norm(x, pending, self.layer_norm1)
+        x, h = _add_norm(x, self.self_attn(h), self.layer_norm2)
+        return x, self.mlp.fc2(self.act(self.mlp.fc1(h)))
+
 
 class VisionTransformer(nn.Module):
     def __init__(self, config: Kosmos2VisionConfig) -> None:
@@ -346,11 +372,17 @@ class VisionTransformer(nn.Module):
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionLayer(config) for _ in range(config.num_hidden_layers))
         self.post_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.carry = False  # layers hand their last residual add to the next one (fuse_for_inference)
 
     def forward(
         self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, hidden_states: list | None = None
     ) -> Tensor:
         x = self.pre_layrnorm(self.embeddings(pixel_values, interpolate_pos_encoding))
+        if self.carry and not self.training and hidden_states is None:
+            pending = None
+            for layer in self.encoder.layers:
+                x, pending = layer.carried(x, pending)
+            return x + pending
         if hidden_states is not None:
             hidden_states.append(x)
         for layer in self.encoder.layers:
@@ -449,9 +481,23 @@ class DecoderLayer(nn.Module):
                        activation=self.activation_name)
         return linear_row(h, ffn.fc2.weight, ffn.fc2.bias, norm=ffn.ffn_layernorm, residual=x)
 
+    def takes_one_row(self, x: Tensor, cache: KVCache | None) -> bool:
+        return (self.one_row and not self.training and x.shape[0] * x.shape[1] == 1 and cache is not None
+                and cache.static and x.is_cuda)
+
+    def carried(self, x: Tensor, pending: Tensor | None, mask: Tensor | None, cache: KVCache | None, layer: int,
+                slots: Tensor | None) -> tuple[Tensor, Tensor]:
+        """`forward` with each residual add done by the LayerNorm that reads it (inference): the input is
+        x + pending, and the output (x, pending) leaves the last add to the next layer."""
+        x, h = (x, self.self_attn_layer_norm(x)) if pending is None else _add_norm(x, pending,
+                                                                                   self.self_attn_layer_norm)
+        h = self.self_attn(h, mask=mask, cache=cache, layer=layer, slots=slots)
+        x, h = _add_norm(x, h, self.final_layer_norm)
+        ffn = self.ffn
+        return x, ffn.fc2(_act_norm(ffn.fc1(h), self.activation_name, self.act, ffn.ffn_layernorm))
+
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None, layer: int, slots: Tensor | None):
-        if (self.one_row and not self.training and x.shape[0] * x.shape[1] == 1 and cache is not None and cache.static
-                and x.is_cuda):
+        if self.takes_one_row(x, cache):
             return self._one_row_step(x, cache, layer, slots)
         h = self.self_attn(self.self_attn_layer_norm(x), mask=mask, cache=cache, layer=layer, slots=slots)
         x = x + _dropout(h, self.dropout, self.training)
@@ -477,6 +523,7 @@ class TextTransformer(nn.Module):
         self.register_buffer("embed_positions", table, persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.layers))
         self.layer_norm = LayerNorm(config.embed_dim, eps=config.layer_norm_eps)
+        self.carry = False  # layers hand their last residual add to the next one (fuse_for_inference)
 
     def ensure_positions(self, count: int) -> None:
         """Make the sinusoid table cover positions below `count` (it is rebuilt larger when a prompt overruns)."""
@@ -520,6 +567,12 @@ class TextTransformer(nn.Module):
     ) -> Tensor:
         """The final-normed last state; `hidden_states` gets the reference's tuple: the layers' input, each layer's
         output, the last one replaced by the normed final state (layers skipped by layerdrop add nothing)."""
+        if (self.carry and not self.training and hidden_states is None
+                and not self.layers[0].takes_one_row(hidden, cache)):
+            pending = None
+            for i, layer in enumerate(self.layers):
+                hidden, pending = layer.carried(hidden, pending, mask, cache, i, slots)
+            return _add_norm(hidden, pending, self.layer_norm)[1]
         if hidden_states is not None:
             hidden_states.append(hidden)
         layerdrop = self.config.layerdrop if self.training else 0.0
@@ -865,9 +918,9 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         self.tie_weights()
 
     def fuse_for_inference(self) -> None:
-        """Inference-only speed-ups with the same maths: fused q/k/v projections, the patch embedding as a
-        matrix product on CUDA, and on CUDA with Triton the decode kernels (`kernels`). Parameters stop requiring
-        gradients."""
+        """Inference-only speed-ups with the same maths: fused q/k/v projections, residual adds done by the
+        LayerNorm after them, the patch embedding as a matrix product on CUDA, and on CUDA with Triton the decode
+        kernels (`kernels`). Parameters stop requiring gradients."""
         try:
             import triton  # noqa: F401
 
@@ -888,6 +941,7 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
                 module.patch_product = True
             if isinstance(module, (VisionLayer, DecoderLayer)) and fast_norm and module.act is _quick_gelu:
                 module.act = _fast_quick_gelu
+        self.text_model.model.carry = self.vision_model.model.carry = True
         for layer in self.text_model.model.layers:  # after the loop above has fused every q/k/v
             layer.one_row = (fast_norm and isinstance(layer.self_attn.qkv, tuple)
                              and layer.self_attn.inner_attn_ln is not None
