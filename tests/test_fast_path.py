@@ -78,6 +78,15 @@ def test_fast_path_batches_lessons_of_different_lengths(models, fixed_shape, tra
     for row, lesson in zip(ids.tolist(), lessons, strict=True):
         answer = [t for t in row[prompt:] if t != 1]
         assert answer == trained.expected(lesson).answer_ids, lesson.key
+    # The last step was taken for the longest answers only: the others were flagged done (on CUDA their
+    # attention was skipped, and the answers above are still every lesson's).
+    lengths = [len(trained.expected(lesson).answer_ids) for lesson in lessons]
+    (decoder,) = [d for (rows, *_), d in fast.__dict__["_decoders"].items() if rows == len(lessons)]
+    flags = decoder.cache.done.tolist()
+    assert 0 < sum(n < max(lengths) for n in lengths) < len(lessons)
+    assert all(flag for flag, n in zip(flags, lengths, strict=True) if n < max(lengths))
+    if fast.device.type == "cpu":  # CUDA learns that every row is done a few steps late (it does not wait)
+        assert not any(flag for flag, n in zip(flags, lengths, strict=True) if n == max(lengths))
 
 
 def test_patch_embedding_as_a_product_equals_the_convolution(trained_dir):
@@ -166,3 +175,20 @@ def test_fused_norm_kernels_equal_the_separate_operations():
         torch.testing.assert_close(normed, norm(x + h), atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(kernels.gelu_layer_norm(x, norm), norm(torch.nn.functional.gelu(x)), atol=2e-2,
                                    rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+def test_decode_attention_skips_finished_rows():
+    """Rows flagged done give zeros and read nothing; the others attend exactly as without flags."""
+    kernels = pytest.importorskip("kosmos2_cli.kernels")
+    torch.manual_seed(0)
+    q, k_new, v_new = (torch.randn(4, 8, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    keys, values = (torch.randn(4, 8, 40, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    used = torch.tensor([40, 25, 3, 40], device="cuda")
+    valid = torch.ones(4, 40, dtype=torch.bool, device="cuda")
+    done = torch.tensor([False, True, False, True], device="cuda")
+    args = (q, k_new, v_new, keys, values, (used - 1)[:, None], valid, used, 0.125)
+    want = kernels.decode_attention_append(*args)
+    got = kernels.decode_attention_append(*args, done=done)
+    assert torch.equal(got[~done], want[~done])
+    assert not got[done].any()

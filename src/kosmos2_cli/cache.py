@@ -25,6 +25,7 @@ class KVCache:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.real_tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_slot = torch.zeros(batch, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)  # finished rows: the decode kernel skips them
         self.length = 0  # slots in use by the longest row: attention looks no further (unless `static`)
         self.static = False  # fixed shapes for CUDA graphs: attention reads the first `window` slots
         self.window = capacity
@@ -96,6 +97,7 @@ class KVCache:
             live.copy_(saved)
 
     def reset(self) -> None:
+        self.done.zero_()
         self.valid.zero_()
         self.real_tokens.zero_()
         self.next_slot.zero_()

@@ -100,7 +100,11 @@ class Decoder:
         self.cache.static = self.static
         return logits
 
-    def step(self, tokens: Tensor) -> Tensor:
+    def step(self, tokens: Tensor, done: Tensor | None = None) -> Tensor:
+        """Logits after one more token per row; rows flagged in `done` have finished (their logits are ignored),
+        so the CUDA decode kernel skips their attention: a batch gets cheaper as its captions end."""
+        if done is not None:
+            self.cache.done.copy_(done)
         self.filled = min(self.filled + 1, self.cache.capacity)
         # The Triton decode kernel reads each row's length on the device: one window (graph) serves all steps.
         whole = getattr(self.model.text_model.model.layers[0].self_attn, "fast_decode", False)
@@ -244,7 +248,7 @@ def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor
         alive.append(running.any())
         if step + 1 == max_new_tokens or (watch.all_done(alive[-1]) if watch else not bool(alive[-1])):
             break
-        logits = decoder.step(chosen)
+        logits = decoder.step(chosen, ~running)
     done = (~torch.stack(alive)).nonzero()
     steps = int(done[0]) + 1 if len(done) else len(tokens)
     return torch.stack(tokens[:steps], dim=1)

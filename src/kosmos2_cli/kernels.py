@@ -120,10 +120,10 @@ def quick_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, valid_ptr, used_ptr, out_ptr,
-                                    q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                                    slot_sb, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
-                                    BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_ptr, valid_ptr, used_ptr, done_ptr,
+                                    out_ptr, q_sb, q_sh, kn_sb, kn_sh, vn_sb, vn_sh, k_sb, k_sh, k_ss, v_sb, v_sh,
+                                    v_ss, slot_sb, valid_sb, o_sb, o_sh, capacity, scale, HEAD: tl.constexpr,
+                                    BLOCK: tl.constexpr, DONE: tl.constexpr, PDL: tl.constexpr):
     if PDL:  # everything below reads what the kernels before wrote
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -137,6 +137,8 @@ def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_pt
     tl.store(k_ptr + b * k_sb + h * k_sh + here * k_ss + dims, k_new)
     tl.store(v_ptr + b * v_sb + h * v_sh + here * v_ss + dims, v_new)
     length = tl.minimum(tl.load(used_ptr + b), capacity)
+    if DONE:  # a finished row's output is thrown away: it reads none of its cache
+        length = tl.where(tl.load(done_ptr + b) != 0, 0, length)
     q = tl.load(q_ptr + b * q_sb + h * q_sh + dims).to(tl.float32) * scale
     best = tl.full((), -1.0e30, tl.float32)
     total = tl.zeros((), tl.float32)
@@ -158,7 +160,7 @@ def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_pt
         acc = acc * keep + tl.sum(p[:, None] * v, axis=0)
         total = total * keep + tl.sum(p, axis=0)
         best = new_best
-    if tl.load(valid_ptr + b * valid_sb + here) != 0:
+    if (tl.load(valid_ptr + b * valid_sb + here) != 0) & (length > 0):
         score = tl.sum(k_new.to(tl.float32) * q, axis=0)
         new_best = tl.maximum(best, score)
         p = tl.exp(score - new_best)
@@ -171,13 +173,15 @@ def _decode_attention_append_kernel(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, slot_pt
 
 def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, keys: torch.Tensor,
                             values: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, used: torch.Tensor,
-                            scale: float, block: int | None = None, warps: int | None = None) -> torch.Tensor:
+                            scale: float, block: int | None = None, warps: int | None = None,
+                            done: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step's attention: q, k_new, v_new (B, H, 1, D); the cache `keys`, `values` (B, H, S, D).
 
     Writes each row's new key and value at its slot `slots` (B, 1), then attends over the row's valid slots
     (`valid` (B, S)) below `used` (B,), read on the device so one CUDA graph serves every step. Decoding appends
     in order, so that is also causal. One launch a layer instead of a scatter per tensor, an index tensor and the
     attention; read-bound: each program streams its row's keys and values once, with an online softmax.
+    Rows flagged in `done` (B,) (finished captions in a batch that goes on) read nothing and give zeros.
     """
     batch, heads, _, head_dim = q.shape
     if block is None or warps is None:  # measured (benchmarks/attention.py, H100): fastest for few / many rows
@@ -185,11 +189,13 @@ def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     out = torch.empty(batch, heads, 1, head_dim, device=q.device, dtype=q.dtype)
     pdl = use_pdl(q.device)
     valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
+    flags = used if done is None else done.view(torch.uint8) if done.dtype == torch.bool else done
     _decode_attention_append_kernel[(batch, heads)](
-        q, k_new, v_new, keys, values, slots, valid, used, out, q.stride(0), q.stride(1), k_new.stride(0),
+        q, k_new, v_new, keys, values, slots, valid, used, flags, out, q.stride(0), q.stride(1), k_new.stride(0),
         k_new.stride(1), v_new.stride(0), v_new.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), slots.stride(0), valid.stride(0), out.stride(0),
-        out.stride(1), keys.shape[2], scale, HEAD=head_dim, BLOCK=block, PDL=pdl, num_warps=warps, **_launch(pdl),
+        out.stride(1), keys.shape[2], scale, HEAD=head_dim, BLOCK=block, DONE=done is not None, PDL=pdl,
+        num_warps=warps, **_launch(pdl),
     )
     return out
 

@@ -251,7 +251,7 @@ class Attention(nn.Module):
 
         keys, values = cache.keys[layer], cache.values[layer]
         return decode_attention_append(q.to(keys.dtype), k, v, keys, values, slots, cache.valid, cache.next_slot,
-                                       self.scale)
+                                       self.scale, done=cache.done)
 
     def forward(
         self,
