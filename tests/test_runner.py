@@ -164,3 +164,25 @@ def test_collated_pixels_are_staged_on_the_gpu_unchanged(trained_dir):
     assert pixels.is_cuda
     want = torch.from_numpy(np.concatenate([item.inputs for item in prepared]))
     assert torch.equal(pixels.cpu(), want)
+
+
+def test_default_batch_size_follows_the_gpu_memory(monkeypatch, trained_dir):
+    """With no --batch-size: 8 on a CPU; on a GPU the largest power of two (8..256) whose key/value cache and
+    activations fit in 40% of the free memory, the weights counted out until they are loaded."""
+    from kosmos2_cli.config import Kosmos2Config
+    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.pipeline import GenerationOptions
+    from kosmos2_cli.runner import default_batch_size
+
+    engine = PipelineEngine(trained_dir, device="cpu")
+    assert default_batch_size(engine) == 8
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    monkeypatch.setattr(PipelineEngine, "on_gpu", property(lambda self: True))
+    engine = PipelineEngine(trained_dir, device="cpu", dtype="bfloat16", options=GenerationOptions(max_new_tokens=128))
+    text = Kosmos2Config.from_json_file(trained_dir / "config.json").text_config
+    per_row = 2 * text.layers * text.embed_dim * 256 * 2 + (8 << 20)  # 96 + 128 slots round up to 256
+    weights = 1_664_000_000 * 2
+    for rows, want in ((10_000, 256), (300, 256), (255, 128), (100, 64), (20, 16), (0, 8)):
+        free["bytes"] = weights + int(rows * per_row / 0.4) + per_row // 2
+        assert default_batch_size(engine) == want, rows
