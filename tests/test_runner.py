@@ -186,3 +186,12 @@ def test_default_batch_size_follows_the_gpu_memory(monkeypatch, trained_dir):
     for rows, want in ((10_000, 256), (300, 256), (255, 128), (100, 64), (20, 16), (0, 8)):
         free["bytes"] = weights + int(rows * per_row / 0.4) + per_row // 2
         assert default_batch_size(engine) == want, rows
+
+
+def test_default_batch_size_leaves_bad_settings_to_the_model_load(trained_dir, monkeypatch):
+    """--dtype int8 with a GPU cannot be sized: the default falls back to 64 and the load gives the error."""
+    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.runner import default_batch_size
+
+    monkeypatch.setattr(PipelineEngine, "on_gpu", property(lambda self: True))
+    assert default_batch_size(PipelineEngine(trained_dir, device="cuda", dtype="int8")) == 64

@@ -40,7 +40,10 @@ def default_batch_size(engine: Engine) -> int:
     if not getattr(engine, "on_gpu", False):
         return 8
     fits = getattr(engine, "rows_that_fit", None)
-    rows = min(fits() if fits else 64, MAX_AUTO_BATCH)
+    try:
+        rows = min(fits() if fits else 64, MAX_AUTO_BATCH)
+    except (ValueError, RuntimeError):  # no usable GPU or dtype: the model's load says so in its own words
+        rows = 64
     size = 8
     while size * 2 <= rows:
         size *= 2
