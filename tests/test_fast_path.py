@@ -192,3 +192,17 @@ def test_decode_attention_skips_finished_rows():
     got = kernels.decode_attention_append(*args, done=done)
     assert torch.equal(got[~done], want[~done])
     assert not got[done].any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+def test_layer_norm_kernel_with_l2_normalize_equals_pytorch():
+    """The image features' post-LayerNorm and F.normalize in one Triton pass: within one bf16 step of PyTorch."""
+    kernels = pytest.importorskip("kosmos2_cli.kernels")
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(1024, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 257, 1024, device="cuda", dtype=torch.bfloat16) * 3
+    want = torch.nn.functional.normalize(norm(x), dim=-1)
+    got = kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, l2_normalize=True)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-2)

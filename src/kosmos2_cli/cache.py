@@ -27,6 +27,7 @@ class KVCache:
         self.next_slot = torch.zeros(batch, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)  # finished rows: the decode kernel skips them
         self.length = 0  # slots in use by the longest row: attention looks no further (unless `static`)
+        self.appended = 0  # tokens appended per row since the reset (a bound of every row's position, on the host)
         self.static = False  # fixed shapes for CUDA graphs: attention reads the first `window` slots
         self.window = capacity
         self.from_start = False  # the last append filled an empty cache: every row's slots are 0, 1, ...
@@ -70,6 +71,7 @@ class KVCache:
         self.valid.scatter_(1, slots, valid)
         self.real_tokens += valid.sum(dim=1)
         self.next_slot += new
+        self.appended += new
         self.length = min(self.length + new, self.capacity)
         return slots
 
@@ -102,6 +104,7 @@ class KVCache:
         self.real_tokens.zero_()
         self.next_slot.zero_()
         self.length = 0
+        self.appended = 0
 
     def reorder(self, rows: Tensor) -> None:
         """Keep rows `rows` (beam search picks which hypotheses continue), in place."""
@@ -122,6 +125,7 @@ class KVCache:
         self.real_tokens[rows] = other.real_tokens
         self.next_slot[rows] = other.next_slot
         self.length = max(self.length, width)
+        self.appended = max(self.appended, other.appended)
 
 
 def _copy(dst: Tensor, src: Tensor) -> None:

@@ -65,6 +65,7 @@ class Decoder:
         self.static = graphs  # fixed-shape attention (what a graph needs); tests force it on the CPU
         self.filled = 0  # slots used by the longest row
         self.unpadded = False  # the current prompts have no padding: plain causal attention in prefill
+        self.image_start = None  # where every row's image slots begin, when the caller knows (see prefill)
         if graphs:
             model.text_model.model.ensure_positions(capacity + 2)
             self._step = Graphed(self._step_logits, self.cache.state, self.cache.set_state)
@@ -85,14 +86,16 @@ class Decoder:
         return decoders[key]
 
     def prefill(self, input_ids: Tensor, valid: Tensor, image_embeds: Tensor | None,
-                image_mask: Tensor | None, unpadded: bool = False) -> Tensor:
-        """The prompts' logits at their last token; `unpadded` (no padding anywhere) allows plain causal attention."""
+                image_mask: Tensor | None, unpadded: bool = False, image_start: int | None = None) -> Tensor:
+        """The prompts' logits at their last token; `unpadded` (no padding anywhere) allows plain causal attention,
+        `image_start` says that every row's image slots are the one block from there (`image_block`)."""
         self.cache.reset()
         self.cache.static = False  # the prompt attends over its own length only
         self.unpadded = unpadded
+        self.image_start = image_start
         small = input_ids.shape[0] <= GRAPHED_PREFILL_BATCH
         if self.graphs and small and image_embeds is not None and image_mask is not None:
-            logits = self._prefill(input_ids, valid, image_embeds, image_mask, key=(unpadded,))
+            logits = self._prefill(input_ids, valid, image_embeds, image_mask, key=(unpadded, image_start))
             self.cache.length = input_ids.shape[1]
         else:
             logits = self._prefill_logits(input_ids, valid, image_embeds, image_mask)
@@ -116,14 +119,15 @@ class Decoder:
 
     def _prefill_logits(self, ids: Tensor, valid: Tensor, image_embeds, image_mask) -> Tensor:
         self.cache.reset()
-        return self._logits(ids, valid, image_embeds, image_mask, self.unpadded)
+        return self._logits(ids, valid, image_embeds, image_mask, self.unpadded, self.image_start)
 
     def _step_logits(self, tokens: Tensor) -> Tensor:
         return self._logits(tokens[:, None], None, None, None)
 
-    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask, unpadded: bool = False) -> Tensor:
+    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask, unpadded: bool = False,
+                image_start: int | None = None) -> Tensor:
         hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
-                                              None, unpadded)
+                                              None, unpadded, image_start)
         return self.model.logits(hidden[:, -1])  # in the model's dtype: greedy picks from it as from fp32
 
     def reorder(self, rows: Tensor) -> None:
@@ -182,6 +186,13 @@ def generate(
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [text_config.eos_token_id])
     pad = text_config.pad_token_id if pad_token_id is None else pad_token_id
     device = model.device
+    # Decided on the host, from the caller's tensors or copies of them: reductions on the GPU would each start
+    # another CUDA kernel in a new process (15-60 ms apiece on an H100) and read back anyway.
+    host_valid = input_ids.cpu().ne(pad)
+    if attention_mask is not None:
+        host_valid &= attention_mask.cpu().to(torch.bool)
+    unpadded = bool(host_valid.all())  # then the prompt may use plain causal attention
+    host_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.cpu()
     input_ids = input_ids.to(device)
     batch, prompt_len = input_ids.shape
     if max_new_tokens is None:
@@ -193,13 +204,13 @@ def generate(
 
     if image_embeds is None and pixel_values is not None:
         image_embeds = encode_images(model, pixel_values.to(device), interpolate_pos_encoding)
-    valid = input_ids.ne(pad)
-    if attention_mask is not None:
-        valid &= attention_mask.to(device=device, dtype=torch.bool)
+    valid = host_valid.to(device)
     image_mask = None if image_embeds_position_mask is None else image_embeds_position_mask.to(device)
     if image_embeds is not None and image_mask is None:
         raise ValueError("image_embeds_position_mask is needed to place the image in the prompt")
-    unpadded = bool(valid.all())  # one read-back per call: lets the prompt use plain causal attention
+    image_start = None
+    if unpadded and image_embeds is not None and image_embeds.shape[0] == batch:
+        image_start = image_block(host_mask, image_embeds.shape[1])
     aligned_ids, aligned_valid, aligned_image_mask = (
         (input_ids, valid, image_mask) if unpadded else left_align(valid, input_ids, valid, image_mask))
     stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
@@ -210,10 +221,24 @@ def generate(
                            top_k, top_p, generator, no_eos)
     else:
         decoder = Decoder.for_model(model, batch, prompt_len + max_new_tokens, device)
-        logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask, unpadded)
+        logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask, unpadded,
+                                 image_start)
         new = _sample(decoder, logits, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
                       no_eos)
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
+
+
+def image_block(mask: Tensor | None, size: int) -> int | None:
+    """Where the image's slots begin when every row's are the same `size` contiguous slots (what the processor
+    builds for unpadded prompts); None when that is not so."""
+    if mask is None or mask.dim() != 2:
+        return None
+    rows = mask.to(torch.bool)
+    slots = rows[0].nonzero().flatten()
+    if len(slots) != size or not bool((rows == rows[0]).all()):
+        return None
+    start = int(slots[0])
+    return start if int(slots[-1]) == start + size - 1 else None
 
 
 class _EosBlocker:

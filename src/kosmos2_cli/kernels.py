@@ -25,7 +25,8 @@ triton_key.remember()  # a new process's first kernel: ~0.45 s less (see triton_
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, x_stride, y_stride, width, eps, BLOCK: tl.constexpr):
+def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, x_stride, y_stride, width, eps, BLOCK: tl.constexpr,
+                       L2: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
@@ -36,12 +37,18 @@ def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, x_stride, y_stride, width, ep
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    y = centred * rstd * w + b
-    tl.store(y_ptr + row * y_stride + cols, y.to(y_ptr.dtype.element_ty), mask=inside)
+    y = (centred * rstd * w + b).to(y_ptr.dtype.element_ty)
+    if L2:  # then F.normalize: the norm rounded to the rows' dtype, as PyTorch's is, and clamped at 1e-12
+        f = tl.where(inside, y.to(tl.float32), 0.0)
+        norm = tl.sqrt(tl.sum(f * f, axis=0)).to(y_ptr.dtype.element_ty).to(tl.float32)
+        y = (f / tl.maximum(norm, 1e-12)).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row * y_stride + cols, y, mask=inside)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension, statistics in fp32 (as PyTorch computes them)."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               l2_normalize: bool = False) -> torch.Tensor:
+    """LayerNorm over the last dimension, statistics in fp32 (as PyTorch computes them); with `l2_normalize`,
+    F.normalize of the result in the same pass (the image features: three PyTorch kernels fewer to start)."""
     width = x.shape[-1]
     rows = x.reshape(-1, width)
     if rows.stride(-1) != 1:
@@ -50,7 +57,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     block = triton.next_power_of_2(width)
     warps = min(max(block // 256, 1), 16)
     _layer_norm_kernel[(rows.shape[0],)](rows, weight, bias, out, rows.stride(0), out.stride(0), width, eps,
-                                          BLOCK=block, num_warps=warps)
+                                          BLOCK=block, L2=l2_normalize, num_warps=warps)
     return out.view(x.shape)
 
 

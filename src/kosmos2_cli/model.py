@@ -75,6 +75,15 @@ def _add_norm(x: Tensor, h: Tensor, norm: LayerNorm) -> tuple[Tensor, Tensor]:
     return x, norm(x)
 
 
+def _norm_l2(x: Tensor, norm: LayerNorm) -> Tensor:
+    """F.normalize(norm(x)): one Triton pass where the LayerNorm is fast."""
+    if norm.fast and x.is_cuda:
+        from kosmos2_cli.kernels import layer_norm
+
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, l2_normalize=True)
+    return F.normalize(norm(x), dim=-1)
+
+
 def _act_norm(h: Tensor, name: str, act, norm: LayerNorm) -> Tensor:
     """norm(act(h)); the decoder's exact GELU and its LayerNorm in one Triton pass where the LayerNorm is fast."""
     if norm.fast and h.is_cuda and name == "gelu":
@@ -531,9 +540,13 @@ class TextTransformer(nn.Module):
             table = sinusoidal_table(count + 2, self.config.embed_dim, self.padding_idx)
             self.embed_positions = table.to(self.embed_positions)
 
-    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype, check: bool = True) -> Tensor:
-        if check:  # reads the largest position back to the host: not while a CUDA graph is captured
-            self.ensure_positions(int(position_ids.max()) + 1)
+    def position_embeddings(self, position_ids: Tensor, dtype: torch.dtype, check: bool = True,
+                            bound: int | None = None) -> Tensor:
+        """Rows of the sinusoid table; `check` grows it to cover the positions (not while a CUDA graph is
+        captured), from `bound` (a largest possible position known on the host) or else by reading the largest
+        position back."""
+        if check:
+            self.ensure_positions((bound if bound is not None else int(position_ids.max())) + 1)
         return self.embed_positions[position_ids].to(dtype)
 
     def embed(
@@ -543,16 +556,25 @@ class TextTransformer(nn.Module):
         image_embeds: Tensor | None = None,
         image_embeds_position_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
+        image_start: int | None = None,
+        max_position: int | None = None,
     ) -> Tensor:
+        """Token embeddings with the image's rows placed, plus positions. `image_start`: the caller knows that
+        every row's image slots are the one block from there (placed by slicing, no reads of the mask);
+        `max_position`: an upper bound of `position_ids` known on the host (no read-back)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         # No host reads of data while a CUDA graph is captured, nor on the meta device (shape inference).
         capturing = inputs_embeds.is_meta or (inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing())
-        if image_embeds is not None and image_embeds_position_mask is not None:
+        if image_embeds is not None and image_start is not None:
+            end = image_start + image_embeds.shape[1]
+            inputs_embeds = torch.cat([inputs_embeds[:, :image_start], image_embeds.to(inputs_embeds),
+                                       inputs_embeds[:, end:]], dim=1)
+        elif image_embeds is not None and image_embeds_position_mask is not None:
             inputs_embeds = place_image(inputs_embeds, image_embeds, image_embeds_position_mask.to(torch.bool),
                                         checked=not capturing)
         x = inputs_embeds * self.embed_scale
-        x = x + self.position_embeddings(position_ids, x.dtype, check=not capturing)
+        x = x + self.position_embeddings(position_ids, x.dtype, check=not capturing, bound=max_position)
         # The reference applies embedding dropout twice (in forward_embedding and again before the layers).
         p = self.config.dropout
         return _dropout(_dropout(x, p, self.training), p, self.training)
@@ -769,7 +791,7 @@ class Kosmos2PreTrainedModel(nn.Module):
         """
         vision = self.vision_model.model
         last = vision(pixel_values, interpolate_pos_encoding, vision_hidden_states)
-        features = F.normalize(vision.post_layernorm(last), dim=-1)
+        features = _norm_l2(last, vision.post_layernorm)
         embeds = self.image_to_text_projection(features)
         if not return_dict:
             return embeds
@@ -788,8 +810,10 @@ class Kosmos2PreTrainedModel(nn.Module):
         use_cache: bool,
         hidden_states: list | None,
         unpadded: bool = False,
+        image_start: int | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        """Decoder hidden states; `unpadded` promises no padding in a fresh prompt (plain causal attention)."""
+        """Decoder hidden states; `unpadded` promises no padding in a fresh prompt (plain causal attention),
+        `image_start` that every row's image slots are the one block from there (see `embed`)."""
         text = self.text_model.model
         reference = input_ids if input_ids is not None else inputs_embeds
         batch, length = reference.shape[:2]
@@ -800,9 +824,13 @@ class Kosmos2PreTrainedModel(nn.Module):
             image_embeds = None  # already in the cache
         valid = real_tokens(input_ids, attention_mask, (batch, length), reference.device, text.padding_idx)
         positions = position_ids
+        bound = None
         if positions is None:
             positions = positions_for(valid, cache.real_tokens if cache is not None else None, text.padding_idx)
-        x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds)
+            # A position counts real tokens: at most every token appended to the cache so far, and this call's.
+            bound = text.padding_idx + (cache.appended if cache is not None else 0) + length
+        x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds,
+                       image_start=image_start, max_position=bound)
         fresh = cache is None or cache.length == 0
         if cache is not None:
             slots = cache.append(valid)
