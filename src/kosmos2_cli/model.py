@@ -440,14 +440,17 @@ def sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> Tensor:
     return table
 
 
-def place_image(embeds: Tensor, image: Tensor, where: Tensor, checked: bool = True) -> Tensor:
+def place_image(embeds: Tensor, image: Tensor, where: Tensor, checked: bool = True,
+                start: int | None = None) -> Tensor:
     """Put the image's rows where `where` is set, in order, one image per prompt row.
 
     The same result as the reference's `embeds[where] = image.view(-1, dim)` when every row holds one image's
     slots, without reading the mask back to the host (so it can run inside a CUDA graph). Other layouts take
-    the reference's way.
+    the reference's way. `start`: the caller knows every row's slots are the one block from there (by slicing).
     """
     image = image.to(embeds)
+    if start is not None:
+        return torch.cat([embeds[:, :start], image, embeds[:, start + image.shape[1]:]], dim=1)
     if checked and (image.shape[0] != embeds.shape[0] or bool((where.sum(1) != image.shape[1]).any())):
         embeds = embeds.clone()
         embeds[where] = image.reshape(-1, image.shape[-1])
@@ -566,13 +569,9 @@ class TextTransformer(nn.Module):
             inputs_embeds = self.embed_tokens(input_ids)
         # No host reads of data while a CUDA graph is captured, nor on the meta device (shape inference).
         capturing = inputs_embeds.is_meta or (inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing())
-        if image_embeds is not None and image_start is not None:
-            end = image_start + image_embeds.shape[1]
-            inputs_embeds = torch.cat([inputs_embeds[:, :image_start], image_embeds.to(inputs_embeds),
-                                       inputs_embeds[:, end:]], dim=1)
-        elif image_embeds is not None and image_embeds_position_mask is not None:
+        if image_embeds is not None and image_embeds_position_mask is not None:
             inputs_embeds = place_image(inputs_embeds, image_embeds, image_embeds_position_mask.to(torch.bool),
-                                        checked=not capturing)
+                                        checked=not capturing, start=image_start)
         x = inputs_embeds * self.embed_scale
         x = x + self.position_embeddings(position_ids, x.dtype, check=not capturing, bound=max_position)
         # The reference applies embedding dropout twice (in forward_embedding and again before the layers).
