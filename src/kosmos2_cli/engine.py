@@ -177,7 +177,7 @@ class PipelineEngine:
         from kosmos2_cli.devices import resolve_device, resolve_dtype
 
         device = resolve_device(self.device)
-        width = torch.empty(0, dtype=resolve_dtype(self.dtype, device)).element_size()
+        width = resolve_dtype(self.dtype, device).itemsize
         config = Kosmos2Config.from_json_file(self.folder / "config.json")
         text = config.text_config
         free, _ = torch.cuda.mem_get_info(device)

@@ -216,7 +216,7 @@ def generate(
     stops = torch.tensor(sorted(set(eos) | set(stop_token_ids)), device=device)
     no_eos = _EosBlocker(torch.tensor(eos, device=device), min_new_tokens)
     if num_beams > 1:
-        new = _beam_search(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask, num_beams,
+        new = _beam_search(model, image_embeds, aligned_ids, aligned_valid, aligned_image_mask, unpadded, num_beams,
                            max_new_tokens, stops, pad, length_penalty, early_stopping, do_sample, temperature,
                            top_k, top_p, generator, no_eos)
     else:
@@ -306,9 +306,10 @@ class _DoneWatch:
         return False
 
 
-def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: int, max_new_tokens: int,
-                 stops: Tensor, pad: int, length_penalty: float, early_stopping: bool | str, do_sample: bool,
-                 temperature: float, top_k: int | None, top_p: float, generator, no_eos: _EosBlocker) -> Tensor:
+def _beam_search(model, image_embeds, input_ids, valid, image_mask, unpadded: bool, num_beams: int,
+                 max_new_tokens: int, stops: Tensor, pad: int, length_penalty: float, early_stopping: bool | str,
+                 do_sample: bool, temperature: float, top_k: int | None, top_p: float, generator,
+                 no_eos: _EosBlocker) -> Tensor:
     """The reference's vectorised beam search (keep 2*beams candidates, finished hypotheses kept apart)."""
     batch, prompt_len = input_ids.shape
     beams = num_beams
@@ -320,8 +321,7 @@ def _beam_search(model, image_embeds, input_ids, valid, image_mask, num_beams: i
         return None if t is None else t.repeat_interleave(beams, dim=0)
 
     decoder = Decoder.for_model(model, batch * beams, max_len, device)
-    logits = decoder.prefill(expand(input_ids), expand(valid), expand(image_embeds), expand(image_mask),
-                             bool(valid.all()))
+    logits = decoder.prefill(expand(input_ids), expand(valid), expand(image_embeds), expand(image_mask), unpadded)
     running = torch.full((batch, beams, max_len), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = input_ids[:, None]
     running_scores = torch.zeros(batch, beams, device=device)
