@@ -25,19 +25,29 @@ triton_key.remember()  # a new process's first kernel: ~0.45 s less (see triton_
 
 
 @triton.jit
+def _normed(x, cols, inside, width, eps, w_ptr, b_ptr):
+    """LayerNorm of one row held in fp32 (`inside` marks its `width` real columns), in fp32."""
+    mean = tl.sum(x, axis=0) / width
+    centred = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    return centred * rstd * w + b
+
+
+def _row_warps(block: int) -> int:
+    """Warps for one program over a row of `block` columns."""
+    return min(max(block // 256, 1), 16)
+
+
+@triton.jit
 def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, x_stride, y_stride, width, eps, BLOCK: tl.constexpr,
                        L2: tl.constexpr = False):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     inside = cols < width
     x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / width
-    centred = tl.where(inside, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / width
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    y = (centred * rstd * w + b).to(y_ptr.dtype.element_ty)
+    y = _normed(x, cols, inside, width, eps, w_ptr, b_ptr).to(y_ptr.dtype.element_ty)
     if L2:  # then F.normalize: the norm rounded to the rows' dtype, as PyTorch's is, and clamped at 1e-12
         f = tl.where(inside, y.to(tl.float32), 0.0)
         norm = tl.sqrt(tl.sum(f * f, axis=0)).to(y_ptr.dtype.element_ty).to(tl.float32)
@@ -55,9 +65,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         rows = rows.contiguous()
     out = torch.empty_like(rows)
     block = triton.next_power_of_2(width)
-    warps = min(max(block // 256, 1), 16)
     _layer_norm_kernel[(rows.shape[0],)](rows, weight, bias, out, rows.stride(0), out.stride(0), width, eps,
-                                          BLOCK=block, L2=l2_normalize, num_warps=warps)
+                                          BLOCK=block, L2=l2_normalize, num_warps=_row_warps(block))
     return out.view(x.shape)
 
 
@@ -77,13 +86,8 @@ def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, s_ptr, y_ptr, width, eps,
     s = s.to(y_ptr.dtype.element_ty)
     if not GELU:
         tl.store(s_ptr + row * width + cols, s, mask=inside)
-    s = s.to(tl.float32)
-    mean = tl.sum(s, axis=0) / width
-    centred = tl.where(inside, s - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / width + eps)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * width + cols, (centred * rstd * w + b).to(y_ptr.dtype.element_ty), mask=inside)
+    y = _normed(s.to(tl.float32), cols, inside, width, eps, w_ptr, b_ptr)
+    tl.store(y_ptr + row * width + cols, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def _norm_launch(x: torch.Tensor, h: torch.Tensor | None, norm, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +98,7 @@ def _norm_launch(x: torch.Tensor, h: torch.Tensor | None, norm, gelu: bool) -> t
     out = torch.empty_like(x)
     block = triton.next_power_of_2(width)
     _add_layer_norm_kernel[(x.numel() // width,)](x, h, norm.weight, norm.bias, total, out, width, norm.eps,
-                                                  GELU=gelu, BLOCK=block, num_warps=min(max(block // 256, 1), 16))
+                                                  GELU=gelu, BLOCK=block, num_warps=_row_warps(block))
     return total, out
 
 
