@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 
 from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Model, weights
 from kosmos2_cli.hub import ModelNotFoundError
-from kosmos2_cli.staging import Span, stream_spans
 from kosmos2_cli.weights import WeightsError
 
 SMALL = dict(text=dict(embed_dim=24, attention_heads=2, ffn_dim=32, layers=2), latent_query_num=4,
@@ -80,27 +79,6 @@ def test_streamed_load_gives_the_mapped_loads_tensors(checkpoint, dtype, monkeyp
     for name, tensor in streamed.state_dict().items():
         assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
     assert streamed.text_model.lm_head.weight is streamed.text_model.model.embed_tokens.weight
-
-
-def test_stream_spans_reads_each_span_exactly(tmp_path):
-    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
-    data = {first: bytes(range(256)) * 9, second: bytes(reversed(range(256))) * 3}
-    for path, content in data.items():
-        path.write_bytes(content)
-    spans = [Span("x", first, 5, 1000), Span("empty", second, 10, 0), Span("y", second, 1, 700),
-             Span("z", first, 2000, 304)]
-    got = list(stream_spans(spans, torch.device("cpu"), chunk=64, buffers=3, threads=2))
-    assert [span for span, _ in got] == spans
-    for span, tensor in got:
-        assert tensor.dtype == torch.uint8
-        assert bytes(tensor.tolist()) == data[span.path][span.offset : span.offset + span.nbytes], span.key
-
-
-def test_stream_spans_past_the_end_is_an_error(tmp_path):
-    path = tmp_path / "short.bin"
-    path.write_bytes(b"0123456789")
-    with pytest.raises(OSError, match="unexpected end of file"):
-        list(stream_spans([Span("x", path, 4, 20)], torch.device("cpu"), chunk=8))
 
 
 def test_sharded_checkpoint(checkpoint, tmp_path):

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kosmos2_cli import early
 from kosmos2_cli.cache import KVCache
 from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
 
@@ -723,19 +724,20 @@ class Kosmos2PreTrainedModel(nn.Module):
         from kosmos2_cli.weights import load_weights
 
         folder = resolve_model_dir(name_or_path, revision=revision)
+        early.start_cuda(device)  # the driver starts while the model is built; `resolve_device` waits for it
         config = Kosmos2Config.from_json_file(folder / "config.json")
+        with torch.device("meta"), _no_init():
+            model = cls(config)
         target = resolve_device(device)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
         quantized = target_dtype == torch.int8
-        with torch.device("meta"), _no_init():
-            model = cls(config)
-            if quantized:
-                from kosmos2_cli.quant import quantize_modules
-
-                quantize_modules(model)  # int8 weights, quantized as they are read; the rest in float32
+        if target.type == "cuda":
+            early.start_kernels(target, target_dtype)  # ready for fuse_for_inference and the first image
         if quantized:
-            from kosmos2_cli.quant import allocate
+            from kosmos2_cli.quant import allocate, quantize_modules
 
+            with torch.device("meta"), _no_init():
+                quantize_modules(model)  # int8 weights, quantized as they are read; the rest in float32
             allocate(model, target)  # one block for all int8 weights, q/k/v side by side
         load_weights(model, folder, device=target, dtype=torch.float32 if quantized else target_dtype)
         if quantized:

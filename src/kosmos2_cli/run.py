@@ -34,6 +34,9 @@ def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
 
 def open_engine(settings: Settings, reporter: Reporter):
     """The engine for the settings: device and dtype checked, model found (downloaded once), tokenizer loaded."""
+    from kosmos2_cli import early
+
+    early.start_cuda(settings.device)  # the GPU's driver starts while torch is imported
     from kosmos2_cli.devices import resolve_device, resolve_dtype
     from kosmos2_cli.engine import ModelLoadError, PipelineEngine
 
