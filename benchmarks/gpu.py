@@ -453,7 +453,7 @@ def main() -> None:
     def fresh_loads():
         """Load to first token, each in a new process (so CUDA's start-up counts alike); ours twice: the first
         run also fills Triton's kernel cache, as a user's first run does."""
-        names = ("ours",) * 4 + (() if args.no_reference else ("ref", "ref"))
+        names = ("ours",) * 6 + (() if args.no_reference else ("ref", "ref"))
         fill_bytecode_cache(args.weights.parent, results)
         for name in names:
             env = subprocess_env(args.weights.parent)
