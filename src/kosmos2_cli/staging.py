@@ -90,6 +90,15 @@ class _ReadOnlyMap:
             warnings.simplefilter("ignore")  # not writable: it is only ever read
             self.bytes = torch.from_numpy(array)
 
+    def will_need(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to read the range ahead in large requests (pinning a cold page faults it in alone)."""
+        if self.map is not None and hasattr(mmap, "MADV_WILLNEED"):
+            start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+            try:
+                self.map.madvise(mmap.MADV_WILLNEED, start, offset + nbytes - start)
+            except OSError:  # only advice
+                pass
+
     def close(self) -> None:
         self.bytes = None
         try:
@@ -136,8 +145,10 @@ def stream_pinned(spans: Sequence[Span], device: torch.device, pin: Callable[[in
         return maps[key[0]].address + key[1] * piece
 
     def pin_piece(key: tuple[Path, int]) -> None:
-        size = maps[key[0]].bytes.numel()
-        pin(address(key), min(piece, size - key[1] * piece))
+        mapped = maps[key[0]]
+        nbytes = min(piece, mapped.bytes.numel() - key[1] * piece)
+        mapped.will_need(key[1] * piece, nbytes)
+        pin(address(key), nbytes)
 
     def unpin_after(key: tuple[Path, int], event) -> None:
         if event is not None:
