@@ -16,12 +16,16 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is not imported here: the command line starts the driver before it imports torch
+    import torch
 
 _begun: dict[str, threading.Thread] = {}
 _DRIVERS = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
 
 
-def cuda_index(device) -> int | None:
+def cuda_index(device: str | torch.device | None) -> int | None:
     """The CUDA device a `--device` word or torch.device may mean (None: surely not a GPU)."""
     kind, _, index = str(device or "auto").strip().lower().partition(":")
     if kind not in ("auto", "cuda") or (index and not index.isdigit()):
@@ -29,14 +33,14 @@ def cuda_index(device) -> int | None:
     return int(index or 0)
 
 
-def start_cuda(device="auto") -> None:
+def start_cuda(device: str | torch.device | None = "auto") -> None:
     """Begin CUDA's driver and the device's context on a thread, where `device` may be a GPU (once a process)."""
     index = cuda_index(device)
     if index is not None:
         _begin("cuda", _open_context, index)
 
 
-def start_kernels(device, dtype) -> None:
+def start_kernels(device: torch.device, dtype: torch.dtype) -> None:
     """Begin importing Triton and the kernels on a thread, then a first small matrix product on `device` in
     `dtype` (cuBLAS's libraries and handle; ~0.1 s off the first image), once a process."""
     _begin("kernels", _import_kernels, device, dtype)
@@ -63,7 +67,7 @@ def _open_context(index: int) -> None:
         driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
 
 
-def _import_kernels(device, dtype) -> None:
+def _import_kernels(device: torch.device, dtype: torch.dtype) -> None:
     try:
         import kosmos2_cli.kernels  # noqa: F401
     except Exception:  # noqa: BLE001 - fuse_for_inference imports it again and decides
