@@ -273,6 +273,14 @@ def main() -> None:
         decoder.prefill(*prompt)
         return model, inputs["pixel_values"], decoder, prompt
 
+    def step_ms(decoder, prompt, step) -> float:
+        """Milliseconds per decode `step`: 32 steps after a fresh prefill, the median of three such runs."""
+        times = []
+        for _ in range(3):
+            decoder.prefill(*prompt)
+            times.append(median_time(lambda: [step() for _ in range(32)], 1, sync) / 32)
+        return sorted(times)[1] * 1e3
+
     def breakdown(n: int):
         """Where one generate() goes: image encoder, prefill, and one decode step (graph replay + argmax)."""
         model, pixels, decoder, prompt = prefilled(n)
@@ -281,16 +289,8 @@ def main() -> None:
             prefill = median_time(lambda: decoder.prefill(*prompt), 5, sync)
             token = torch.full((n,), 5, dtype=torch.long, device=device)
             decoder.step(token)  # capture
-
-            def steps():
-                for _ in range(32):
-                    decoder.step(token).argmax(dim=-1)
-
-            times = []
-            for _ in range(3):
-                decoder.prefill(*prompt)
-                times.append(median_time(steps, 1, sync) / 32)
-        row = {"vision_ms": vision * 1e3, "prefill_ms": prefill * 1e3, "step_ms": sorted(times)[1] * 1e3}
+            step = step_ms(decoder, prompt, lambda: decoder.step(token).argmax(dim=-1))
+        row = {"vision_ms": vision * 1e3, "prefill_ms": prefill * 1e3, "step_ms": step}
         results.setdefault("ours_breakdown", {})[n] = row
         print("breakdown", n, row, flush=True)
 
@@ -303,16 +303,7 @@ def main() -> None:
         with torch.no_grad():
             for fraction in (0.0, 0.5, 0.9):
                 done = torch.arange(n, device=device) < int(n * fraction)
-
-                def steps(done=done):
-                    for _ in range(32):
-                        decoder.step(token, done)
-
-                times = []
-                for _ in range(3):
-                    decoder.prefill(*prompt)
-                    times.append(median_time(steps, 1, sync) / 32)
-                row[f"{fraction:.0%} done"] = sorted(times)[1] * 1e3
+                row[f"{fraction:.0%} done"] = step_ms(decoder, prompt, lambda done=done: decoder.step(token, done))
         results.setdefault("ours_step_ms_with_finished_rows", {})[n] = row
         print("finished rows", n, row, flush=True)
 
@@ -451,8 +442,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     def fresh_loads():
-        """Load to first token, each in a new process (so CUDA's start-up counts alike); ours twice: the first
-        run also fills Triton's kernel cache, as a user's first run does."""
+        """Load to first token, each in a new process (so CUDA's start-up counts alike); ours six times (the
+        first run also fills Triton's kernel cache, as a user's first run does), the reference twice."""
         names = ("ours",) * 6 + (() if args.no_reference else ("ref", "ref"))
         fill_bytecode_cache(args.weights.parent, results)
         for name in names:
