@@ -144,8 +144,11 @@ def quick(monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["off", "on"], ids=["sequential", "pipelined"])
-def both_pipelines(request, monkeypatch):
-    """Run a test with batches one after the other, and with the next batch's model work on a thread of its own
-    while the previous one finishes (what a GPU run does)."""
-    monkeypatch.setenv("KOSMOS2_PIPELINE", request.param)
+@pytest.fixture(params=["sequential", "pipelined", "continuous"])
+def batch_modes(request, monkeypatch):
+    """Run a test with static batches one after the other; with the next batch's model work on a thread of its
+    own while the previous one finishes (what a GPU run did before continuous batching); and with continuous
+    batching (the default). Gives the mode's name."""
+    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on" if request.param == "continuous" else "off")
+    monkeypatch.setenv("KOSMOS2_PIPELINE", "on" if request.param == "pipelined" else "off")
+    return request.param

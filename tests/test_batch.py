@@ -13,8 +13,8 @@ import time
 import pytest
 from cli_helpers import (
     FAST,
+    batch_modes,  # noqa: F401  (fixture)
     bomb_png,
-    both_pipelines,  # noqa: F401  (fixture)
     invoke,
     kosmos2_command,
     not_an_image,
@@ -199,20 +199,20 @@ def test_foreign_output_file_is_left_alone(model, mixed, tmp_path):
     assert notes.read_text() == "not json\n"
 
 
-@pytest.mark.usefixtures("both_pipelines")
+@pytest.mark.usefixtures("batch_modes")
 def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
     import torch
 
-    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.pipeline import Kosmos2
 
-    start = PipelineEngine.start
+    encode = Kosmos2.encode_pixels
 
-    def tight(self, batch, spec, *rest):
-        if len(batch) > 1:
+    def tight(self, pixels):
+        if len(pixels) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return start(self, batch, spec, *rest)
+        return encode(self, pixels)
 
-    monkeypatch.setattr(PipelineEngine, "start", tight)
+    monkeypatch.setattr(Kosmos2, "encode_pixels", tight)
     out = tmp_path / "out.jsonl"
     result = batch(model, mixed, "-o", out, "-t", "caption", "--batch-size", "4")
     assert "out of device memory with 4 images per batch; going on with 2" in result.stderr
@@ -220,27 +220,27 @@ def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
-@pytest.mark.usefixtures("both_pipelines")
+@pytest.mark.usefixtures("batch_modes")
 def test_interrupt_in_process_keeps_whole_lines(model, mixed, tmp_path, monkeypatch, signal_name):
-    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.pipeline import Kosmos2
 
-    start = PipelineEngine.start
+    encode = Kosmos2.encode_pixels
     calls = []
 
-    def interrupted_on_third(self, batch, spec, *rest):
-        calls.append(len(batch))
+    def interrupted_on_third(self, pixels):  # the third batch (static) or refill of rows (continuous)
+        calls.append(len(pixels))
         if len(calls) == 3:
             os.kill(os.getpid(), getattr(signal, signal_name))  # a real signal, handled in this process
             time.sleep(1)
-        return start(self, batch, spec, *rest)
+        return encode(self, pixels)
 
-    monkeypatch.setattr(PipelineEngine, "start", interrupted_on_third)
+    monkeypatch.setattr(Kosmos2, "encode_pixels", interrupted_on_third)
     out = tmp_path / "out.jsonl"
     result = batch(model, mixed, "-o", out, "-t", "caption", "--batch-size", "1")
     assert result.exit_code == (ExitCode.TERMINATED if signal_name == "SIGTERM" else ExitCode.INTERRUPTED)
     written = lines(out)
     assert f"interrupted: {len(written)} of 7 images are in {out}" in " ".join(result.stderr.split())
-    monkeypatch.setattr(PipelineEngine, "start", start)
+    monkeypatch.setattr(Kosmos2, "encode_pixels", encode)
     batch(model, mixed, "-o", out, "-t", "caption")
     assert set(by_image(lines(out), mixed)) == GOOD | set(BAD)
 

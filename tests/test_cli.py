@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from cli_helpers import (
     FAST,
+    batch_modes,  # noqa: F401  (fixture)
     bomb_png,
-    both_pipelines,  # noqa: F401  (fixture)
     invoke,
     json_lines,
     not_an_image,
@@ -306,22 +306,22 @@ def test_one_bad_image_does_not_stop_the_others(model, pics):
     _one_line_error(result, ExitCode.FAILED, "1 of 3 images failed")
 
 
-@pytest.mark.usefixtures("both_pipelines")
+@pytest.mark.usefixtures("batch_modes")
 def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
     import torch
 
-    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.pipeline import Kosmos2
 
     sizes = []
-    start = PipelineEngine.start
+    encode = Kosmos2.encode_pixels
 
-    def tight(self, batch, spec, *rest):
-        sizes.append(len(batch))
-        if len(batch) > 1:
+    def tight(self, pixels):
+        sizes.append(len(pixels))
+        if len(pixels) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return start(self, batch, spec, *rest)
+        return encode(self, pixels)
 
-    monkeypatch.setattr(PipelineEngine, "start", tight)
+    monkeypatch.setattr(Kosmos2, "encode_pixels", tight)
     result = kosmos2(model, "caption", pics["a"], pics["b"], pics["rotated"], "--json", "--batch-size", "4")
     assert result.exit_code == 0
     assert len(json_lines(result.stdout)) == 3
@@ -329,25 +329,25 @@ def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
     assert "out of device memory with 3 images per batch; going on with 1" in result.stderr
 
 
-@pytest.mark.usefixtures("both_pipelines")
+@pytest.mark.usefixtures("batch_modes")
 def test_ctrl_c_exits_130_without_traceback(model, pics, monkeypatch):
-    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.pipeline import Kosmos2
 
-    def interrupted(self, batch, spec, *rest):
+    def interrupted(self, pixels):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(PipelineEngine, "start", interrupted)
+    monkeypatch.setattr(Kosmos2, "encode_pixels", interrupted)
     _one_line_error(kosmos2(model, "caption", pics["a"]), ExitCode.INTERRUPTED, "interrupted")
 
 
-@pytest.mark.usefixtures("both_pipelines")
+@pytest.mark.usefixtures("batch_modes")
 def test_unexpected_errors_say_so_and_debug_shows_them(model, pics, monkeypatch):
-    from kosmos2_cli.engine import PipelineEngine
+    from kosmos2_cli.pipeline import Kosmos2
 
-    def broken(self, batch, spec, *rest):
+    def broken(self, pixels):
         raise ZeroDivisionError("oops")
 
-    monkeypatch.setattr(PipelineEngine, "start", broken)
+    monkeypatch.setattr(Kosmos2, "encode_pixels", broken)
     _one_line_error(kosmos2(model, "caption", pics["a"]), ExitCode.INTERNAL, "unexpected ZeroDivisionError: oops",
                     "--debug")
     debug = kosmos2(model, "caption", pics["a"], "--debug")
@@ -472,6 +472,7 @@ def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model,
         calls.append((kwargs["input_ids"].shape[0], kwargs.get("pixel_values"), list(kwargs["stop_token_ids"])))
         return generate(self, **kwargs)
 
+    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "off")
     monkeypatch.setattr(generation, "encode_images", counting_encode)
     monkeypatch.setattr(Kosmos2ForConditionalGeneration, "generate", counting_generate)
     result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
@@ -481,6 +482,39 @@ def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model,
     end_of_object = Kosmos2Processor.from_pretrained(model).tokenizer.convert_tokens_to_ids("</object>")
     assert encoded == [2]  # two images, one encoding each
     assert calls == [(6, None, [end_of_object])]  # 2 images x 3 phrases in one generate, each stops at </object>
+
+
+def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_every_phrase(model, pics, monkeypatch):
+    from kosmos2_cli import continuous
+    from kosmos2_cli import generate as generation
+
+    encoded, admitted, runs = [], [], []
+    encode, stream = generation.encode_images, continuous.stream
+
+    def counting_encode(model, pixel_values, *args, **kwargs):
+        encoded.append(pixel_values.shape[0])
+        return encode(model, pixel_values, *args, **kwargs)
+
+    def recording_stream(model, admit, **kwargs):
+        runs.append((kwargs["rows"], sorted(kwargs["stops"])))
+
+        def counting_admit(count):
+            prompts = admit(count)
+            admitted.append(len(prompts))
+            return prompts
+
+        return stream(model, counting_admit, **kwargs)
+
+    monkeypatch.setattr(generation, "encode_images", counting_encode)
+    monkeypatch.setattr(continuous, "stream", recording_stream)
+    result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
+    assert result.exit_code == 0 and len(json_lines(result.stdout)) == 2
+    from kosmos2_cli.processor import Kosmos2Processor
+
+    tokenizer = Kosmos2Processor.from_pretrained(model).tokenizer
+    assert encoded == [2]  # two images, one encoding for both
+    assert runs == [(8, sorted([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</object>")]))]
+    assert admitted == [6]  # 2 images x 3 phrases in the first fill of 8 rows; then no more
 
 
 def test_weights_that_do_not_fit_are_a_model_error_not_a_batch_to_split(model, pics, monkeypatch):

@@ -147,6 +147,76 @@ def test_pipelined_run_loads_the_model_first_on_the_model_thread(monkeypatch):
     assert {thread for _, thread in engine.events} == {"kosmos2-model"}
 
 
+class StreamingEngine(FakeEngine):
+    """Continuous batching: `rows` images in flight, each ending after as many steps as its name's number; one
+    that runs out of memory with more than `fits` rows (or always, for `oom_always`)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.runs: list[int] = []
+        self.threads_used: set[str] = set()
+
+    def stream(self, items, spec, rows):
+        self.runs.append(rows)
+        self.threads_used.add(threading.current_thread().name)
+        if rows > self.fits:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        flight: list[list] = []  # [steps left, item]
+        items = iter(items)
+        while True:
+            while len(flight) < rows and (item := next(items, None)) is not None:
+                if item.name in self.oom_always:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+                flight.append([int(item.name.lstrip("abcdefghijklmnopqrstuvwxyz") or 1), item])
+            if not flight:
+                return
+            for entry in flight:
+                entry[0] -= 1
+            for entry in [e for e in flight if e[0] <= 0]:
+                flight.remove(entry)
+                yield entry[1], entry[1].name.upper()
+
+    def finish(self, started, spec):
+        return [Result(started.lower(), 1, 1, spec.task, "", started, [], "")]
+
+
+def test_continuous_run_gives_outcomes_in_input_order():
+    engine = StreamingEngine()
+    names = ["i5", "bad1", "i1", "i3", "crash", "i1", "i9", "i2"]
+    outcomes, _, _ = _run(engine, names, batch_size=3, workers=2)
+    assert [o.image for o in outcomes] == names
+    assert [o.text if isinstance(o, Result) else "F" for o in outcomes] == [
+        "I5", "F", "I1", "I3", "F", "I1", "I9", "I2"]
+    assert engine.runs == [3] and engine.threads_used == {"kosmos2-model"}
+
+
+def test_continuous_run_out_of_memory_halves_the_rows_and_restarts_what_was_in_flight():
+    engine = StreamingEngine(fits=2)
+    names = [f"i{n % 4 + 1}" for n in range(9)]
+    outcomes, notices, runner = _run(engine, names, batch_size=8, workers=2)
+    assert [o.text for o in outcomes] == [n.upper() for n in names]
+    assert engine.runs == [8, 4, 2] and runner.batch_size == 2
+    assert notices == ["out of device memory with 8 images per batch; going on with 4",
+                       "out of device memory with 4 images per batch; going on with 2"]
+    assert engine.freed == 2
+
+
+def test_continuous_run_an_image_that_does_not_fit_alone_fails_alone():
+    engine = StreamingEngine(oom_always={"huge"})
+    outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
+    assert [type(o).__name__ for o in outcomes] == ["Result", "Failure", "Result"]
+    assert "out of device memory even alone" in outcomes[1].error
+    assert runner.batch_size == 1
+
+
+def test_continuous_batching_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "off")
+    engine = StreamingEngine()
+    outcomes, _, _ = _run(engine, ["i1", "i2", "i3"], batch_size=2, workers=1)
+    assert engine.runs == [] and [len(b) for b in engine.batches] == [2, 1]
+    assert [o.text for o in outcomes] == ["I1", "I2", "I3"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="staging copies pixels to a GPU (none here)")
 def test_collated_pixels_are_staged_on_the_gpu_unchanged(trained_dir):
     """On a GPU the runner's thread collates a batch and starts its copy on a side stream; the model thread

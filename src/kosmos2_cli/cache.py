@@ -71,7 +71,9 @@ class KVCache:
         self.valid.scatter_(1, slots, valid)
         self.real_tokens += valid.sum(dim=1)
         self.next_slot += new
-        self.appended += new
+        # A row holds at most `capacity` tokens when static (rows that stay in place for continuous batching
+        # count none), so the bound stays small however long the run.
+        self.appended = min(self.appended + new, self.capacity) if self.static else self.appended + new
         self.length = min(self.length + new, self.capacity)
         return slots
 
@@ -113,6 +115,17 @@ class KVCache:
                 t.copy_(t.index_select(0, rows))
         for t in (self.valid, self.real_tokens, self.next_slot):
             t.copy_(t.index_select(0, rows))
+
+    def head(self, rows: int) -> KVCache:
+        """A cache over this one's first `rows` rows (the same memory): prompts of any count prefill into one
+        buffer."""
+        view = KVCache.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.keys = [k[:rows] for k in self.keys]
+        view.values = [v[:rows] for v in self.values]
+        for name in ("valid", "real_tokens", "next_slot", "done"):
+            setattr(view, name, getattr(self, name)[:rows])
+        return view
 
     def load_rows(self, rows: Tensor, other: KVCache) -> None:
         """Put `other`'s rows (freshly prefilled prompts) into rows `rows` of this cache."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -231,6 +232,27 @@ class PipelineEngine:
         embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
         jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
         return len(batch), kosmos.start([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
+
+    def stream(self, items: Iterator[Prepared], spec: TaskSpec, rows: int) -> Iterator[tuple[Prepared, Any]]:
+        """Continuous batching (`Kosmos2.stream`): (item, started) for each item as its answers end; `finish`
+        turns `started` into the item's record. Pixels go to the device as `collate` stages them, a refill at a
+        time."""
+        kosmos = self.kosmos
+
+        def encoded(count: int):
+            chunk = list(islice(items, count))
+            if not chunk:
+                return [], None
+            pixels = self.collate(chunk)
+            embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
+            return [(item, item.name, item.image) for item in chunk], embeds
+
+        for item, started in kosmos.stream(encoded, spec.jobs(0), rows):
+            yield item, (1, started)
+
+    def streams(self, spec: TaskSpec) -> bool:
+        """Can `stream` run this task with these options (one beam)?"""
+        return self.options is None or self.options.num_beams == 1
 
     def finish(self, started, spec: TaskSpec) -> list[Result]:
         """The CPU half of `infer`: decoding, post-processing, one record per image."""

@@ -6,8 +6,10 @@ and pixel boxes in the original image's coordinates.
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,18 @@ class Started:
     images: list[tuple[str, Any]]
     jobs: list[Job]
     groups: list[tuple[list[int], list[list[int]], list[list[int]]]]  # (job indices, prompt ids, all ids)
+
+
+@dataclass
+class _Open:
+    """An image whose answers are being generated (continuous batching): answers by job index."""
+
+    key: object
+    name: str
+    image: Any
+    jobs: list[Job]
+    prompt_ids: list[list[int]]
+    answers: dict[int, list[int]]
 
 
 @dataclass
@@ -174,6 +188,73 @@ class Kosmos2:
                 name, image = started.images[job.image_index]
                 results[i] = self._result(job, name, image, text, prompt_text)
         return [results[i] for i in range(len(started.jobs))]
+
+    @torch.no_grad()
+    def stream(self, encoded: Callable[[int], tuple[list[tuple[object, str, Any]], torch.Tensor | None]],
+               jobs: Sequence[Job], rows: int, **options) -> Iterator[tuple[object, Started]]:
+        """Continuous batching: `jobs` (one image's, `image_index` 0) for every image `encoded(n)` hands over (up
+        to n `(key, name, image)` with their embeddings, none when there are no more), `rows` answers in flight.
+
+        (key, Started) for each image once all its answers have ended, in that order; `finish` makes results.
+        Greedy or sampling (one beam), and one kind of job (ground's stop at `</object>` applies to every row).
+        """
+        from kosmos2_cli.continuous import Prompt, Sampling
+        from kosmos2_cli.continuous import stream as continuous_stream
+
+        opts = GenerationOptions(**{**self.options.__dict__, **options})
+        if opts.num_beams != 1 or len({job.task == "ground" for job in jobs}) != 1:
+            raise ValueError("continuous batching takes one beam and one kind of job")
+        tokenizer = self.processor.tokenizer
+        stops = [self.model.config.text_config.eos_token_id]
+        if jobs[0].task == "ground":
+            stops.append(tokenizer.convert_tokens_to_ids("</object>"))
+        tokenized: dict[str, tuple[list[int], list[int]]] = {}  # prompt text -> ids, image slots
+        waiting: deque[Prompt] = deque()
+        images: dict[int, _Open] = {}  # by the order they came in
+        numbers = itertools.count()
+
+        def take_images(count: int) -> bool:
+            got, embeds = encoded(count)
+            if not got:
+                return False
+            embeds = embeds.clone()  # small batches come from a CUDA graph's output, which the next call reuses
+            for (key, name, image), row in zip(got, embeds, strict=True):
+                mine = [self._with_refer_prompt(Job(0, job.task, job.prompt, dict(job.extra)), image) for job in jobs]
+                new = list(dict.fromkeys(job.prompt for job in mine if job.prompt not in tokenized))
+                if new:
+                    batch = self.processor(text=new, images=[image] * len(new), pixels=False,
+                                           num_image_tokens=self.model.config.latent_query_num,
+                                           return_tensors="pt")
+                    for text, ids, slots, keep in zip(new, batch["input_ids"], batch["image_embeds_position_mask"],
+                                                      batch["attention_mask"].bool(), strict=True):
+                        tokenized[text] = ids[keep].tolist(), slots[keep].tolist()
+                index = next(numbers)
+                images[index] = _Open(key, name, image, mine, [tokenized[job.prompt][0] for job in mine], {})
+                waiting.extend(Prompt((index, j), *tokenized[job.prompt], row) for j, job in enumerate(mine))
+            return True
+
+        def admit(count: int) -> list[Prompt]:
+            while len(waiting) < count and take_images(-(-(count - len(waiting)) // len(jobs))):
+                pass
+            return [waiting.popleft() for _ in range(min(count, len(waiting)))]
+
+        if not take_images(-(-rows // len(jobs))):
+            return
+        generator = torch.Generator(device=self.model.device).manual_seed(opts.seed) if (
+            opts.seed is not None) else None
+        sampling = Sampling(opts.do_sample, opts.temperature, opts.top_k, opts.top_p, generator)
+        answers = continuous_stream(self.model, admit, rows=rows, longest_prompt=max(len(p.ids) for p in waiting),
+                                    max_new_tokens=opts.max_new_tokens, stops=stops,
+                                    pad=self.model.config.text_config.pad_token_id, sampling=sampling)
+        for (index, j), answer in answers:
+            image = images[index]
+            image.answers[j] = answer
+            if len(image.answers) == len(image.jobs):
+                del images[index]
+                prompt_ids = image.prompt_ids
+                all_ids = [prompt_ids[k] + image.answers[k] for k in range(len(image.jobs))]
+                yield image.key, Started([(image.name, image.image)], image.jobs,
+                                         [(list(range(len(image.jobs))), prompt_ids, all_ids)])
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Pixel values, one row per image: CPU work that needs no model, so callers may run it on threads."""

@@ -10,6 +10,7 @@ kept for the rest of the run.
 from __future__ import annotations
 
 import os
+import queue
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -126,6 +127,9 @@ class Runner:
         With an engine that splits `infer` into `start` (the device's half) and `finish` (the CPU's), batch k+1
         starts on a model thread while batch k finishes here: the device does not wait for decoding and writing.
         """
+        if _streams(self.engine, self.spec):
+            yield from self._run_stream(names)
+            return
         pool = self._pool()
         device = _ModelThread() if _pipelined(self.engine) else None
         switch = sys.getswitchinterval()
@@ -177,6 +181,63 @@ class Runner:
                 device.close()
                 sys.setswitchinterval(switch)
 
+    def _run_stream(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
+        """Continuous batching: the model thread takes prepared images in input order as rows free up and hands
+        each image's answers back as they end; this thread finishes them (text, post-processing) and yields them
+        in input order."""
+        pool = self._pool()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        feed = _Feed(self, pool, names, done)
+        feed.refill()  # the first images are prepared while the model loads
+        device = _ModelThread()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, 0.001))  # see `run`: the model thread launches a step every few ms
+        device.submit(self._serve, feed, done)
+        try:
+            ready: dict[int, tuple] = {}
+            position = 0
+            while (message := _next_message(done)) is not _END:
+                if isinstance(message, BaseException):
+                    raise message
+                where, outcome, item = message
+                ready[where] = (outcome, item)
+                while position in ready:
+                    outcome, item = ready.pop(position)
+                    if isinstance(outcome, Failure):
+                        yield outcome, None
+                    else:
+                        yield self.engine.finish(outcome, self.spec)[0], item.image
+                    position += 1
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            device.close()
+            sys.setswitchinterval(switch)
+
+    def _serve(self, feed: _Feed, done: queue.SimpleQueue) -> None:
+        """The model thread's side of `_run_stream`. Out of device memory, the images in flight start again with
+        half the rows; an image that does not fit alone fails alone."""
+        try:
+            rows = self.batch_size
+            while True:
+                try:
+                    for item, started in self.engine.stream(feed.items(), self.spec, rows):
+                        done.put((feed.finished(item), started, item))
+                    break
+                except Exception as err:
+                    self._recover(err)
+                    if rows == 1 and feed.in_flight:
+                        item = feed.oldest()
+                        done.put((feed.finished(item), self._too_big(item.name), None))
+                    elif rows > 1:
+                        size = min(rows, len(feed.in_flight)) or rows
+                        rows = max(1, size // 2)
+                        self.batch_size = rows
+                        self.notice(f"out of device memory with {size} images per batch; going on with {rows}")
+                    feed.retry()
+            done.put(_END)
+        except BaseException as err:  # handed to the runner's thread, which raises it
+            done.put(err)
+
     def _start(self, device: _ModelThread, window: list[Prepared | Failure]):
         batch = [item for item in window if isinstance(item, Prepared)]
         future = None
@@ -217,16 +278,9 @@ class Runner:
                     raise err
                 outcomes += self.engine.infer(chunk, self.spec)
             except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                free = getattr(self.engine, "free_memory", None)
-                if free:
-                    free()
+                self._recover(err)
                 if size == 1:
-                    name = chunk[0].name
-                    outcomes.append(Failure(name, f"{name}: out of device memory even alone (try a lower "
-                                                  "--max-new-tokens, --num-beams 1 or --dtype float16)",
-                                            self.spec.task))
+                    outcomes.append(self._too_big(chunk[0].name))
                     start += 1
                     continue
                 self.batch_size = max(1, size // 2)
@@ -234,6 +288,19 @@ class Runner:
                 continue
             start += size
         return outcomes
+
+
+    def _recover(self, err: Exception) -> None:
+        """Raise `err` unless the device ran out of memory; then give its cached memory back before a retry."""
+        if not is_out_of_memory(err):
+            raise err
+        free = getattr(self.engine, "free_memory", None)
+        if free:
+            free()
+
+    def _too_big(self, name: str) -> Failure:
+        return Failure(name, f"{name}: out of device memory even alone (try a lower --max-new-tokens, --num-beams 1 "
+                             "or --dtype float16)", self.spec.task)
 
 
 def _merge(window: list[Prepared | Failure], outcomes: list[Outcome]) -> Iterator[tuple[Outcome, Image.Image | None]]:
@@ -245,6 +312,90 @@ def _merge(window: list[Prepared | Failure], outcomes: list[Outcome]) -> Iterato
         else:
             outcome = next(done)
             yield outcome, (item.image if isinstance(outcome, Result) else None)
+
+
+_END = object()
+
+
+def _next_message(done: queue.SimpleQueue):
+    """The model thread's next message; waits in short slices so that Ctrl-C lands at once."""
+    while True:
+        try:
+            return done.get(timeout=0.2)
+        except queue.Empty:
+            continue
+
+
+class _Feed:
+    """Prepared images in input order for the model thread (`items`), `prefetch` of them prepared ahead; failed
+    images go straight to `done` in their place. Keeps the images in flight, to start them again (`retry`)."""
+
+    def __init__(self, runner: Runner, pool, names: Iterable[str], done: queue.SimpleQueue) -> None:
+        self.runner, self.pool, self.done = runner, pool, done
+        self.upcoming = iter(names)
+        self.pending: deque[Future] = deque()
+        self.position = 0
+        self.in_flight: dict[int, tuple[int, Prepared]] = {}  # id(item) -> (position, item), in input order
+        self.again: deque[Prepared] = deque()
+
+    def refill(self) -> None:
+        runner = self.runner
+        while len(self.pending) < runner.prefetch:
+            name = next(self.upcoming, None)
+            if name is None:
+                return
+            if runner.processes:
+                self.pending.append(self.pool.submit(prepare_outcome, _prepare_in_worker, name, runner.spec,
+                                                     runner.keep_images))
+            else:
+                self.pending.append(self.pool.submit(prepare_outcome, runner.engine.prepare, name, runner.spec))
+
+    def items(self) -> Iterator[Prepared]:
+        while True:
+            if self.again:
+                yield self.again.popleft()
+                continue
+            self.refill()
+            if not self.pending:
+                return
+            outcome = _result(self.pending.popleft())
+            position, self.position = self.position, self.position + 1
+            if isinstance(outcome, Failure):
+                self.done.put((position, outcome, None))
+                continue
+            self.in_flight[id(outcome)] = (position, outcome)
+            yield outcome
+
+    def finished(self, item: Prepared) -> int:
+        """`item` is done: its position in the input."""
+        return self.in_flight.pop(id(item))[0]
+
+    def oldest(self) -> Prepared:
+        return next(iter(self.in_flight.values()))[1]
+
+    def retry(self) -> None:
+        """Feed every image in flight again, before the next new one."""
+        self.again = deque(item for _, item in self.in_flight.values())
+
+
+def _result(future: Future):
+    """`future.result()`, waiting in short slices so that an interrupt raised in this thread lands at once."""
+    while True:
+        try:
+            return future.result(timeout=0.2)
+        except TimeoutError:
+            continue
+
+
+def _streams(engine: Engine, spec: TaskSpec) -> bool:
+    """Continuous batching (rows that end take the next image) where the engine offers it for this task and
+    options (one beam). KOSMOS2_CONTINUOUS=off runs static batches instead."""
+    if not hasattr(engine, "stream"):
+        return False
+    if os.environ.get("KOSMOS2_CONTINUOUS", "").strip().lower() == "off":
+        return False
+    streams = getattr(engine, "streams", None)
+    return streams(spec) if streams else True
 
 
 def _pipelined(engine: Engine) -> bool:
