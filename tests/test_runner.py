@@ -156,7 +156,7 @@ class StreamingEngine(FakeEngine):
         self.runs: list[int] = []
         self.threads_used: set[str] = set()
 
-    def stream(self, items, spec, rows):
+    def stream(self, items, spec, rows, calm=None):
         self.runs.append(rows)
         self.threads_used.add(threading.current_thread().name)
         if rows > self.fits:

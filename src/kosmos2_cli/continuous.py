@@ -12,6 +12,7 @@ when) does not depend on timing, so sampling with a seed repeats.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -59,18 +60,22 @@ class Sampling:
 @torch.no_grad()
 def stream(model, admit: Callable[[int], list[Prompt]], *, rows: int, longest_prompt: int, max_new_tokens: int,
            stops: Sequence[int], pad: int, sampling: Sampling | None = None, lookahead: int | None = None,
-           refill_share: float = REFILL_SHARE) -> Iterator[tuple[object, list[int]]]:
+           refill_share: float = REFILL_SHARE, calm: threading.Event | None = None,
+           ) -> Iterator[tuple[object, list[int]]]:
     """(tag, answer ids) for every prompt `admit` hands over, in the order the answers end.
 
     `admit(n)` returns up to `n` new prompts, fewer only when there are no more; none is longer than
     `longest_prompt`. An answer ends with a token of `stops` (kept) or after `max_new_tokens`.
     `lookahead`: steps the host reads the flags behind (default: LOOKAHEAD_CUDA on CUDA, 0 elsewhere).
     `refill_share`: refill once this share of the rows is free (1: only when all are, i.e. static batches).
+    `calm` is cleared while a refill is admitted and launched (hundreds of kernels, each launch holding the GIL):
+    threads that wait for it to be set keep out of the way then, and the device does not wait for the launches.
     """
     if rows < 1 or max_new_tokens < 1:
         raise ValueError("rows and max_new_tokens must be at least 1")
     run = _Rows(model, rows, longest_prompt, max_new_tokens, stops, pad, sampling or Sampling(), lookahead)
     run.refill_at = max(1, min(rows, int(rows * refill_share)))
+    run.calm = calm or threading.Event()
     yield from run.loop(admit)
 
 
@@ -117,11 +122,15 @@ class _Rows:
             free = [r for r in range(self.rows) if self.tags[r] is None]
             busy = self.rows - len(free)
             if more and free and (busy == 0 or len(free) >= self.refill_at):
-                prompts = admit(len(free))
-                more = len(prompts) == len(free)
-                if prompts:
-                    self._refill(free[: len(prompts)], prompts)
-                    busy += len(prompts)
+                self.calm.clear()
+                try:
+                    prompts = admit(len(free))
+                    more = len(prompts) == len(free)
+                    if prompts:
+                        self._refill(free[: len(prompts)], prompts)
+                        busy += len(prompts)
+                finally:
+                    self.calm.set()
             if busy == 0:
                 break
             self._step()
@@ -188,11 +197,11 @@ class _Rows:
             slot = self.read % len(self.ring)
             if self.events[slot] is not None:
                 self.events[slot].synchronize()
-            running, count = self.ring[slot]
+            running, count = (flags.tolist() for flags in self.ring[slot])
             ended = [r for r in range(self.rows)
-                     if self.tags[r] is not None and self.since[r] <= self.read and not running[r]]
+                     if not running[r] and self.tags[r] is not None and self.since[r] <= self.read]
             if ended:
-                self._harvest(ended, [int(count[r]) for r in ended])
+                self._harvest(ended, [count[r] for r in ended])
             self.read += 1
 
     def _harvest(self, ended: list[int], lengths: list[int]) -> None:

@@ -7,6 +7,8 @@ methods; the runner, batching, resume and output do not change.
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -233,22 +235,30 @@ class PipelineEngine:
         jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
         return len(batch), kosmos.start([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
 
-    def stream(self, items: Iterator[Prepared], spec: TaskSpec, rows: int) -> Iterator[tuple[Prepared, Any]]:
+    def stream(self, items: Iterator[Prepared], spec: TaskSpec, rows: int,
+               calm: threading.Event | None = None) -> Iterator[tuple[Prepared, Any]]:
         """Continuous batching (`Kosmos2.stream`): (item, started) for each item as its answers end; `finish`
-        turns `started` into the item's record. Pixels go to the device as `collate` stages them, a refill at a
-        time."""
+        turns `started` into the item's record. The next refill's pixels are collated and copied to the device
+        on a thread of their own while the rows decode (`_Stager`), once the refill is launched (`calm`)."""
         kosmos = self.kosmos
+        calm = calm or threading.Event()
+        stager = _Stager(self.collate, items, calm)
 
         def encoded(count: int):
-            chunk = list(islice(items, count))
-            if not chunk:
+            parts = stager.take(count)
+            if not parts:
                 return [], None
-            pixels = self.collate(chunk)
-            embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
-            return [(item, item.name, item.image) for item in chunk], embeds
+            import torch
 
-        for item, started in kosmos.stream(encoded, spec.jobs(0), rows):
-            yield item, (1, started)
+            embeds = [kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
+                      for _, pixels in parts]
+            return [(item, item.name, item.image) for chunk, _ in parts for item in chunk], torch.cat(embeds)
+
+        try:
+            for item, started in kosmos.stream(encoded, spec.jobs(0), rows, calm=calm):
+                yield item, (1, started)
+        finally:
+            stager.close()
 
     def streams(self, spec: TaskSpec) -> bool:
         """Can `stream` run this task with these options (one beam)?"""
@@ -271,6 +281,63 @@ class PipelineEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _Stager:
+    """Images for the next refill of rows, taken from `items` and collated (pixels on their way to the device) on
+    a thread of their own: a refill finds them ready instead of leaving the device idle while they are made.
+    After each `take(n)`, the next n are staged; a refill that wants fewer keeps the rest for later."""
+
+    def __init__(self, collate: Callable, items: Iterator[Prepared], calm: threading.Event) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.collate, self.items, self.calm = collate, items, calm
+        self.ready: deque[tuple[list[Prepared], Any]] = deque()
+        self.ahead = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kosmos2-stage")
+
+    def _stage(self, count: int, wait: bool = False) -> tuple[list[Prepared], Any]:
+        if wait:
+            self.calm.wait()
+        chunk = list(islice(self.items, count))
+        return chunk, (self.collate(chunk) if chunk else None)
+
+    def take(self, count: int) -> list[tuple[list[Prepared], Any]]:
+        """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order."""
+        if self.ahead is not None:
+            self.ready.append(self.ahead.result())
+            self.ahead = None
+        parts: list[tuple[list[Prepared], Any]] = []
+        have = 0
+        while have < count:
+            chunk, pixels = self.ready.popleft() if self.ready else self._stage(count - have)
+            if not chunk:
+                break
+            if have + len(chunk) > count:
+                keep = count - have
+                self.ready.appendleft((chunk[keep:], _rows(pixels, keep, None)))
+                chunk, pixels = chunk[:keep], _rows(pixels, 0, keep)
+            parts.append((chunk, pixels))
+            have += len(chunk)
+        if have == count:
+            self.ahead = self.pool.submit(self._stage, count, True)
+        return parts
+
+    def close(self) -> None:
+        """Wait for the staging in progress (it reads `items`, which its next user reads) and stop the thread."""
+        if self.ahead is not None:
+            try:
+                self.ahead.result()
+            except BaseException:  # noqa: S110 (the error belongs to images that will not be used now)
+                pass
+        self.pool.shutdown(wait=True)
+
+
+def _rows(pixels, start: int, stop: int | None):
+    """Images start:stop of collated pixels (staged on the device or not)."""
+    if isinstance(pixels, Staged):
+        return Staged(pixels.pixels[start:stop], pixels.ready)
+    return pixels[start:stop]
 
 
 _WORKER: dict[str, Any] = {}

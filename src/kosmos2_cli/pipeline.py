@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -191,12 +192,14 @@ class Kosmos2:
 
     @torch.no_grad()
     def stream(self, encoded: Callable[[int], tuple[list[tuple[object, str, Any]], torch.Tensor | None]],
-               jobs: Sequence[Job], rows: int, **options) -> Iterator[tuple[object, Started]]:
+               jobs: Sequence[Job], rows: int, calm: threading.Event | None = None,
+               **options) -> Iterator[tuple[object, Started]]:
         """Continuous batching: `jobs` (one image's, `image_index` 0) for every image `encoded(n)` hands over (up
         to n `(key, name, image)` with their embeddings, none when there are no more), `rows` answers in flight.
 
         (key, Started) for each image once all its answers have ended, in that order; `finish` makes results.
         Greedy or sampling (one beam), and one kind of job (ground's stop at `</object>` applies to every row).
+        `calm`: see `continuous.stream`.
         """
         from kosmos2_cli.continuous import Prompt, Sampling
         from kosmos2_cli.continuous import stream as continuous_stream
@@ -245,7 +248,7 @@ class Kosmos2:
         sampling = Sampling(opts.do_sample, opts.temperature, opts.top_k, opts.top_p, generator)
         answers = continuous_stream(self.model, admit, rows=rows, longest_prompt=max(len(p.ids) for p in waiting),
                                     max_new_tokens=opts.max_new_tokens, stops=stops,
-                                    pad=self.model.config.text_config.pad_token_id, sampling=sampling)
+                                    pad=self.model.config.text_config.pad_token_id, sampling=sampling, calm=calm)
         for (index, j), answer in answers:
             image = images[index]
             image.answers[j] = answer

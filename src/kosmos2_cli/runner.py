@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -192,7 +193,9 @@ class Runner:
         device = _ModelThread()
         switch = sys.getswitchinterval()
         sys.setswitchinterval(min(switch, 0.001))  # see `run`: the model thread launches a step every few ms
-        device.submit(self._serve, feed, done)
+        calm = threading.Event()  # cleared while the model thread launches a refill: finishing waits then
+        calm.set()
+        device.submit(self._serve, feed, done, calm)
         try:
             ready: dict[int, tuple] = {}
             position = 0
@@ -206,6 +209,7 @@ class Runner:
                     if isinstance(outcome, Failure):
                         yield outcome, None
                     else:
+                        calm.wait()
                         yield self.engine.finish(outcome, self.spec)[0], item.image
                     position += 1
         finally:
@@ -213,14 +217,14 @@ class Runner:
             device.close()
             sys.setswitchinterval(switch)
 
-    def _serve(self, feed: _Feed, done: queue.SimpleQueue) -> None:
+    def _serve(self, feed: _Feed, done: queue.SimpleQueue, calm: threading.Event) -> None:
         """The model thread's side of `_run_stream`. Out of device memory, the images in flight start again with
         half the rows; an image that does not fit alone fails alone."""
         try:
             rows = self.batch_size
             while True:
                 try:
-                    for item, started in self.engine.stream(feed.items(), self.spec, rows):
+                    for item, started in self.engine.stream(feed.items(), self.spec, rows, calm):
                         done.put((feed.finished(item), started, item))
                     break
                 except Exception as err:
@@ -237,6 +241,8 @@ class Runner:
             done.put(_END)
         except BaseException as err:  # handed to the runner's thread, which raises it
             done.put(err)
+        finally:
+            calm.set()
 
     def _start(self, device: _ModelThread, window: list[Prepared | Failure]):
         batch = [item for item in window if isinstance(item, Prepared)]
