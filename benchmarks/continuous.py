@@ -14,6 +14,7 @@ forced to 64 tokens, where they should tie. Prints one table; `--out` writes it 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -28,7 +29,8 @@ NEW_TOKENS = 64
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=Path, default=Path("/tmp/kosmos2-full"), help="full-size weights (built)")
+    parser.add_argument("--weights", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "kosmos2-full",
+                        help="full-size random weights (built there once, as by gpu.py)")
     parser.add_argument("--model", type=Path, default=None, help="another model folder instead")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=256)

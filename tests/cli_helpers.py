@@ -147,8 +147,8 @@ def quick(monkeypatch):
 @pytest.fixture(params=["sequential", "pipelined", "continuous"])
 def batch_modes(request, monkeypatch):
     """Run a test with static batches one after the other; with the next batch's model work on a thread of its
-    own while the previous one finishes (what a GPU run did before continuous batching); and with continuous
-    batching (the default). Gives the mode's name."""
+    own while the previous one finishes (what a GPU run does); and with continuous batching
+    (KOSMOS2_CONTINUOUS=on). Gives the mode's name."""
     monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on" if request.param == "continuous" else "off")
     monkeypatch.setenv("KOSMOS2_PIPELINE", "on" if request.param == "pipelined" else "off")
     return request.param

@@ -472,7 +472,6 @@ def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model,
         calls.append((kwargs["input_ids"].shape[0], kwargs.get("pixel_values"), list(kwargs["stop_token_ids"])))
         return generate(self, **kwargs)
 
-    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "off")
     monkeypatch.setattr(generation, "encode_images", counting_encode)
     monkeypatch.setattr(Kosmos2ForConditionalGeneration, "generate", counting_generate)
     result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
@@ -505,6 +504,7 @@ def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_ever
 
         return stream(model, counting_admit, **kwargs)
 
+    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on")
     monkeypatch.setattr(generation, "encode_images", counting_encode)
     monkeypatch.setattr(continuous, "stream", recording_stream)
     result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")

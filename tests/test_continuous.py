@@ -160,7 +160,7 @@ def test_static_appended_stays_a_small_bound():
 @pytest.mark.parametrize("task", [["-t", "ground", "-p", "a snowman", "-p", "a fire", "-p", "a cat"],
                                   ["-t", "caption"]])
 def test_batch_records_match_static_batches(trained_dir, tmp_path, monkeypatch, task):
-    """`kosmos2 batch` with continuous batching (the default) writes what static batches write, line for line
+    """`kosmos2 batch` with continuous batching (KOSMOS2_CONTINUOUS=on) writes what static batches write, line for line
     (ground: three phrases of different lengths per image, the rows of one image admitted apart)."""
     inputs = sorted({str(lesson.path) for lesson in trained.LESSONS})
     records = {}
@@ -173,3 +173,34 @@ def test_batch_records_match_static_batches(trained_dir, tmp_path, monkeypatch, 
         records[mode] = [json.loads(line) for line in out.read_text().splitlines()]
     assert records["on"] == records["off"]
     assert [r["image"] for r in records["on"]] == inputs
+
+
+def test_stager_hands_images_in_order_and_stages_the_next_ones_ahead():
+    import threading
+
+    from kosmos2_cli.engine import Prepared, _Stager
+
+    collated = []
+
+    def collate(chunk):
+        collated.append([item.name for item in chunk])
+        return torch.tensor([int(item.name) for item in chunk])
+
+    calm = threading.Event()
+    calm.set()
+    stager = _Stager(collate, iter(Prepared(str(n), None, None) for n in range(10)), calm)
+    try:
+        parts = stager.take(4)
+        assert [[i.name for i in chunk] for chunk, _ in parts] == [["0", "1", "2", "3"]]
+        assert parts[0][1].tolist() == [0, 1, 2, 3]
+        parts = stager.take(2)  # the four staged ahead: two now, two kept
+        assert [[i.name for i in chunk] for chunk, _ in parts] == [["4", "5"]]
+        assert parts[0][1].tolist() == [4, 5]
+        parts = stager.take(5)  # the two kept, the two staged after them, and one more
+        names = [i.name for chunk, _ in parts for i in chunk]
+        assert names == ["6", "7", "8", "9"]  # only four were left
+        assert torch.cat([pixels for _, pixels in parts]).tolist() == [6, 7, 8, 9]
+        assert stager.take(3) == []
+    finally:
+        stager.close()
+    assert collated[:2] == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]

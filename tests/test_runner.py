@@ -180,6 +180,12 @@ class StreamingEngine(FakeEngine):
         return [Result(started.lower(), 1, 1, spec.task, "", started, [], "")]
 
 
+@pytest.fixture
+def continuous(monkeypatch):
+    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on")
+
+
+@pytest.mark.usefixtures("continuous")
 def test_continuous_run_gives_outcomes_in_input_order():
     engine = StreamingEngine()
     names = ["i5", "bad1", "i1", "i3", "crash", "i1", "i9", "i2"]
@@ -190,6 +196,7 @@ def test_continuous_run_gives_outcomes_in_input_order():
     assert engine.runs == [3] and engine.threads_used == {"kosmos2-model"}
 
 
+@pytest.mark.usefixtures("continuous")
 def test_continuous_run_out_of_memory_halves_the_rows_and_restarts_what_was_in_flight():
     engine = StreamingEngine(fits=2)
     names = [f"i{n % 4 + 1}" for n in range(9)]
@@ -201,6 +208,7 @@ def test_continuous_run_out_of_memory_halves_the_rows_and_restarts_what_was_in_f
     assert engine.freed == 2
 
 
+@pytest.mark.usefixtures("continuous")
 def test_continuous_run_an_image_that_does_not_fit_alone_fails_alone():
     engine = StreamingEngine(oom_always={"huge"})
     outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
@@ -209,8 +217,7 @@ def test_continuous_run_an_image_that_does_not_fit_alone_fails_alone():
     assert runner.batch_size == 1
 
 
-def test_continuous_batching_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "off")
+def test_continuous_batching_is_off_unless_asked_for():
     engine = StreamingEngine()
     outcomes, _, _ = _run(engine, ["i1", "i2", "i3"], batch_size=2, workers=1)
     assert engine.runs == [] and [len(b) for b in engine.batches] == [2, 1]

@@ -394,11 +394,13 @@ def _result(future: Future):
 
 
 def _streams(engine: Engine, spec: TaskSpec) -> bool:
-    """Continuous batching (rows that end take the next image) where the engine offers it for this task and
-    options (one beam). KOSMOS2_CONTINUOUS=off runs static batches instead."""
+    """Continuous batching (rows that end take the next image) with KOSMOS2_CONTINUOUS=on, where the engine offers
+    it for this task and options (one beam). Not the default yet: on an H100 it gains ~10% on answers of different
+    lengths in one process, but `kosmos2 batch` end to end is still a few percent slower than static batches
+    (benchmarks/RESULTS.md, fifth run)."""
     if not hasattr(engine, "stream"):
         return False
-    if os.environ.get("KOSMOS2_CONTINUOUS", "").strip().lower() == "off":
+    if os.environ.get("KOSMOS2_CONTINUOUS", "").strip().lower() != "on":
         return False
     streams = getattr(engine, "streams", None)
     return streams(spec) if streams else True
