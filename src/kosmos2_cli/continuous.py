@@ -73,9 +73,9 @@ def stream(model, admit: Callable[[int], list[Prompt]], *, rows: int, longest_pr
     """
     if rows < 1 or max_new_tokens < 1:
         raise ValueError("rows and max_new_tokens must be at least 1")
-    run = _Rows(model, rows, longest_prompt, max_new_tokens, stops, pad, sampling or Sampling(), lookahead)
-    run.refill_at = max(1, min(rows, int(rows * refill_share)))
-    run.calm = calm or threading.Event()
+    refill_at = max(1, min(rows, int(rows * refill_share)))
+    run = _Rows(model, rows, longest_prompt, max_new_tokens, stops, pad, sampling or Sampling(), lookahead,
+                refill_at, calm or threading.Event())
     yield from run.loop(admit)
 
 
@@ -83,10 +83,11 @@ class _Rows:
     """The state of one continuous run: device tensors per row, and the host's view of which row holds what."""
 
     def __init__(self, model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int], pad: int,
-                 sampling: Sampling, lookahead: int | None) -> None:
+                 sampling: Sampling, lookahead: int | None, refill_at: int, calm: threading.Event) -> None:
         device = model.device
         self.model, self.rows, self.pad, self.sampling = model, rows, pad, sampling
         self.max_new, self.longest = max_new_tokens, longest_prompt
+        self.refill_at, self.calm = refill_at, calm
         self.decoder = Decoder.for_model(model, rows, longest_prompt + max_new_tokens, device)
         self.cache = self.decoder.cache
         self.cache.reset()
@@ -98,7 +99,6 @@ class _Rows:
         self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
         self.count = torch.zeros(rows, dtype=torch.long, device=device)  # tokens generated per row
         self.limit = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # each row's cap
-        self.refill_at = rows
         self.running = torch.zeros(rows, dtype=torch.bool, device=device)
         self.last = torch.full((rows,), pad, dtype=torch.long, device=device)  # each row's next input token
         self.cuda = device.type == "cuda"
