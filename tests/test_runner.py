@@ -90,14 +90,6 @@ def test_out_of_memory_halves_the_batch_and_goes_on():
     assert engine.freed == 2
 
 
-def test_an_image_that_does_not_fit_alone_fails_alone():
-    engine = FakeEngine(oom_always={"huge"})
-    outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
-    assert [type(o).__name__ for o in outcomes] == ["Result", "Failure", "Result"]
-    assert "out of device memory even alone" in outcomes[1].error
-    assert runner.batch_size == 1
-
-
 def test_other_errors_are_not_swallowed():
     class Broken(FakeEngine):
         def infer(self, batch, spec):
@@ -208,9 +200,10 @@ def test_continuous_run_out_of_memory_halves_the_rows_and_restarts_what_was_in_f
     assert engine.freed == 2
 
 
-@pytest.mark.usefixtures("continuous")
-def test_continuous_run_an_image_that_does_not_fit_alone_fails_alone():
-    engine = StreamingEngine(oom_always={"huge"})
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_an_image_that_does_not_fit_alone_fails_alone(mode, monkeypatch):
+    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on" if mode == "continuous" else "off")
+    engine = (StreamingEngine if mode == "continuous" else FakeEngine)(oom_always={"huge"})
     outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
     assert [type(o).__name__ for o in outcomes] == ["Result", "Failure", "Result"]
     assert "out of device memory even alone" in outcomes[1].error

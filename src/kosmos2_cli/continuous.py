@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from kosmos2_cli.cache import KVCache
-from kosmos2_cli.generate import LOOKAHEAD_CUDA, WINDOW, Decoder, image_block, left_align, warp_logits
+from kosmos2_cli.generate import LOOKAHEAD_CUDA, WINDOW, Decoder, Sampling, image_block, left_align
 
 # Rows are refilled once this share of them is free (or none runs): prefilling a handful of prompts at a time
 # leaves a GPU mostly idle, while a quarter of a large batch prefills at nearly full efficiency.
@@ -38,23 +38,6 @@ class Prompt:
     image_mask: list[int]
     embeds: Tensor  # (image tokens, width) on the model's device
     max_new_tokens: int | None = None  # this prompt's own cap, below the run's
-
-
-@dataclass
-class Sampling:
-    """How the next token is chosen (the same choices as `generate`)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = 50
-    top_p: float = 1.0
-    generator: torch.Generator | None = None
-
-    def choose(self, logits: Tensor) -> Tensor:
-        if not self.do_sample:
-            return logits.argmax(dim=-1)
-        probs = warp_logits(logits.float(), self.temperature, self.top_k, self.top_p).softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ what it would get alone, whichever side the caller padded.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,23 @@ def warp_logits(scores: Tensor, temperature: float, top_k: int | None, top_p: fl
         drop[..., -keep:] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     return scores
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: the argmax, or a draw after the reference's warpers."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
+
+    def choose(self, logits: Tensor) -> Tensor:
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        probs = warp_logits(logits.float(), self.temperature, self.top_k, self.top_p).softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
 
 
 WINDOW = 64  # decode steps attend over the cache in windows of this many slots (one graph per window)
@@ -223,8 +241,8 @@ def generate(
         decoder = Decoder.for_model(model, batch, prompt_len + max_new_tokens, device)
         logits = decoder.prefill(aligned_ids, aligned_valid, image_embeds, aligned_image_mask, unpadded,
                                  image_start)
-        new = _sample(decoder, logits, max_new_tokens, stops, pad, do_sample, temperature, top_k, top_p, generator,
-                      no_eos)
+        new = _sample(decoder, logits, max_new_tokens, stops, pad, Sampling(do_sample, temperature, top_k, top_p,
+                                                                            generator), no_eos)
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
 
 
@@ -253,21 +271,14 @@ class _EosBlocker:
         return scores
 
 
-def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor, pad: int, do_sample: bool,
-            temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None,
+def _sample(decoder: Decoder, logits: Tensor, max_new_tokens: int, stops: Tensor, pad: int, sampling: Sampling,
             no_eos: _EosBlocker) -> Tensor:
     running = torch.ones(logits.shape[0], dtype=torch.bool, device=stops.device)
     tokens: list[Tensor] = []
     alive: list[Tensor] = []
     watch = _DoneWatch(max_new_tokens) if logits.is_cuda else None
     for step in range(max_new_tokens):
-        logits = no_eos(logits, step)
-        if do_sample:
-            probs = warp_logits(logits.float(), temperature, top_k, top_p).softmax(dim=-1)
-            chosen = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            chosen = logits.argmax(dim=-1)
-        chosen = torch.where(running, chosen, pad)
+        chosen = torch.where(running, sampling.choose(no_eos(logits, step)), pad)
         tokens.append(chosen)
         running = running & ~torch.isin(chosen, stops)
         alive.append(running.any())

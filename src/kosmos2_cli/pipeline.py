@@ -201,8 +201,9 @@ class Kosmos2:
         Greedy or sampling (one beam), and one kind of job (ground's stop at `</object>` applies to every row).
         `calm`: see `continuous.stream`.
         """
-        from kosmos2_cli.continuous import Prompt, Sampling
+        from kosmos2_cli.continuous import Prompt
         from kosmos2_cli.continuous import stream as continuous_stream
+        from kosmos2_cli.generate import Sampling
 
         opts = GenerationOptions(**{**self.options.__dict__, **options})
         if opts.num_beams != 1 or len({job.task == "ground" for job in jobs}) != 1:
@@ -225,9 +226,7 @@ class Kosmos2:
                 mine = [self._with_refer_prompt(Job(0, job.task, job.prompt, dict(job.extra)), image) for job in jobs]
                 new = list(dict.fromkeys(job.prompt for job in mine if job.prompt not in tokenized))
                 if new:
-                    batch = self.processor(text=new, images=[image] * len(new), pixels=False,
-                                           num_image_tokens=self.model.config.latent_query_num,
-                                           return_tensors="pt")
+                    batch = self._prompts(new, [image] * len(new))
                     for text, ids, slots, keep in zip(new, batch["input_ids"], batch["image_embeds_position_mask"],
                                                       batch["attention_mask"].bool(), strict=True):
                         tokenized[text] = ids[keep].tolist(), slots[keep].tolist()
@@ -276,10 +275,7 @@ class Kosmos2:
     def _generate(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
                   opts: GenerationOptions, grounding: bool) -> tuple[list[list[int]], list[list[int]]]:
         """(prompt ids, prompt + answer ids) per job, as host lists."""
-        batch = self.processor(
-            text=[job.prompt for job in jobs], images=[images[job.image_index] for job in jobs], pixels=False,
-            num_image_tokens=self.model.config.latent_query_num, return_tensors="pt",
-        )
+        batch = self._prompts([job.prompt for job in jobs], [images[job.image_index] for job in jobs])
         rows = torch.tensor([job.image_index for job in jobs], device=image_embeds.device)
         stop = [self.processor.tokenizer.convert_tokens_to_ids("</object>")] if grounding else []
         generated = self.model.generate(
@@ -288,6 +284,11 @@ class Kosmos2:
             image_embeds_position_mask=batch["image_embeds_position_mask"], stop_token_ids=stop, **opts.kwargs(),
         )
         return batch["input_ids"].tolist(), generated.tolist()
+
+    def _prompts(self, texts: list[str], images: list) -> Any:
+        """Token ids, attention mask and image slots of prompts whose images are already encoded."""
+        return self.processor(text=texts, images=images, pixels=False,
+                              num_image_tokens=self.model.config.latent_query_num, return_tensors="pt")
 
     def _with_refer_prompt(self, job: Job, image: Image.Image) -> Job:
         if job.task != "refer" or job.prompt:

@@ -122,6 +122,12 @@ class Runner:
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=initializer, initargs=args)
 
+    def _submit(self, pool, name: str) -> Future:
+        """Prepare `name` on the pool (a worker process or thread): a Prepared or a Failure."""
+        if self.processes:
+            return pool.submit(prepare_outcome, _prepare_in_worker, name, self.spec, self.keep_images)
+        return pool.submit(prepare_outcome, self.engine.prepare, name, self.spec)
+
     def run(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
         """(outcome, upright image or None for a failure) in the order of `names`, as soon as its batch is done.
 
@@ -147,15 +153,8 @@ class Runner:
         upcoming = iter(names)
 
         def refill() -> None:
-            while len(pending) < self.prefetch:
-                name = next(upcoming, None)
-                if name is None:
-                    return
-                if self.processes:
-                    pending.append(pool.submit(prepare_outcome, _prepare_in_worker, name, self.spec,
-                                               self.keep_images))
-                else:
-                    pending.append(pool.submit(prepare_outcome, self.engine.prepare, name, self.spec))
+            while len(pending) < self.prefetch and (name := next(upcoming, None)) is not None:
+                pending.append(self._submit(pool, name))
 
         try:
             refill()
@@ -345,16 +344,8 @@ class _Feed:
         self.again: deque[Prepared] = deque()
 
     def refill(self) -> None:
-        runner = self.runner
-        while len(self.pending) < runner.prefetch:
-            name = next(self.upcoming, None)
-            if name is None:
-                return
-            if runner.processes:
-                self.pending.append(self.pool.submit(prepare_outcome, _prepare_in_worker, name, runner.spec,
-                                                     runner.keep_images))
-            else:
-                self.pending.append(self.pool.submit(prepare_outcome, runner.engine.prepare, name, runner.spec))
+        while len(self.pending) < self.runner.prefetch and (name := next(self.upcoming, None)) is not None:
+            self.pending.append(self.runner._submit(self.pool, name))
 
     def items(self) -> Iterator[Prepared]:
         while True:
