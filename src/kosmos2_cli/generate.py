@@ -62,7 +62,7 @@ class Sampling:
 
 
 WINDOW = 64  # decode steps attend over the cache in windows of this many slots (one graph per window)
-GRAPHED_PREFILL_BATCH = 16  # up to this batch the prompt and the image encoder are bound by kernel launches
+GRAPHED_PREFILL_BATCH = 16  # up to this batch the prompt is bound by kernel launches: it replays a graph
 # The image encoder replays a graph at any batch up to this: in `kosmos2 batch` the model thread launches it while
 # the runner's thread finishes the previous batch, and each launch waiting for Python's lock left an H100 idle
 # ~25 ms of a 256-image encoder's ~90.
