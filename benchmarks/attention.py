@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from common import graph_time
 
-from kosmos2_cli.cache import KVCache
-from kosmos2_cli.kernels import decode_attention_append
+from kosmos2_cli.fast.kernels import decode_attention_append
+from kosmos2_cli.model.cache import KVCache
 
 LAYERS, HEADS, HEAD_DIM = 24, 32, 64
 CONFIGS = [(block, warps) for block in (64, 128) for warps in (2, 4)] + [(None, None)]

@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
-    from kosmos2_cli.continuous import Prompt, stream
-    from kosmos2_cli.generate import encode_images
+    from kosmos2_cli.generation.continuous import Prompt, stream
+    from kosmos2_cli.generation.generate import encode_images
 
     folder = args.model or full_size_checkpoint(args.weights)
     device = torch.device(args.device)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from common import graph_time
 
-from kosmos2_cli import kernels
+from kosmos2_cli.fast import kernels
 
 SHAPES = {"qkv": (6144, 2048), "out_proj": (2048, 2048), "fc1": (8192, 2048), "fc2": (2048, 8192),
           "head": (65037, 2048)}
@@ -107,8 +107,8 @@ def model_check(results: dict, folder: Path) -> None:
     from common import synthetic_image
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
-    from kosmos2_cli.generate import Decoder
-    from kosmos2_cli.model import DecoderLayer
+    from kosmos2_cli.generation.generate import Decoder
+    from kosmos2_cli.model.kosmos2 import DecoderLayer
 
     processor = Kosmos2Processor.from_pretrained(folder)
     inputs = processor(text="<grounding> An image of", images=synthetic_image(), return_tensors="pt").to("cuda")

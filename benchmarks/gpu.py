@@ -94,7 +94,7 @@ def fill_bytecode_cache(folder: Path, results: dict) -> None:
     """Import what the timed processes import, once a run; records how long a second import of torch takes."""
     if "import_torch_s_with_bytecode_cache" in results:
         return
-    modules = "torch, triton, transformers, kosmos2_cli.cli, kosmos2_cli.model, kosmos2_cli.kernels"
+    modules = "torch, triton, transformers, kosmos2_cli.cli.app, kosmos2_cli.model.kosmos2, kosmos2_cli.fast.kernels"
     code = f"import importlib\nfor m in '{modules}'.split(', '):\n    try: importlib.import_module(m)\n" \
            "    except Exception: pass\nfrom transformers import Kosmos2ForConditionalGeneration"
     subprocess.run([sys.executable, "-c", code], env=subprocess_env(folder), capture_output=True)
@@ -263,7 +263,7 @@ def main() -> None:
     @torch.no_grad()
     def prefilled(n: int):
         """(model, pixel values, decoder, prefill arguments) for batch n, with the prompt prefilled once."""
-        from kosmos2_cli.generate import Decoder
+        from kosmos2_cli.generation.generate import Decoder
 
         model, inputs = state["ours"], batch_of(n)
         ids = inputs["input_ids"]
@@ -362,7 +362,7 @@ def main() -> None:
 
     def kernels_check():
         """The Triton kernels against PyTorch on fresh random inputs (bf16 tolerance)."""
-        from kosmos2_cli import kernels
+        from kosmos2_cli.fast import kernels
 
         rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
         x = torch.randn(37, 2048, device=device, dtype=dtype) * 3 + 1

@@ -90,7 +90,7 @@ def micro() -> None:
     import triton  # noqa: F401
 
     mark("import triton")
-    from kosmos2_cli import kernels
+    from kosmos2_cli.fast import kernels
 
     mark("import kernels")
     kernels.layer_norm(a, b[0], b[1], 1e-5)
@@ -109,8 +109,8 @@ def evict(path: Path) -> None:
 def reads() -> dict:
     import torch
 
-    from kosmos2_cli.safetensors_mmap import MappedSafetensors
-    from kosmos2_cli.staging import Span, _stream_read, stream_spans
+    from kosmos2_cli.model.safetensors_mmap import MappedSafetensors
+    from kosmos2_cli.model.staging import Span, _stream_read, stream_spans
 
     path = ARGS.weights / "model.safetensors"
     mapped = MappedSafetensors(path)

@@ -29,7 +29,7 @@ def lessons():
     from make_images import OBJECTS
     from PIL import Image
 
-    from kosmos2_cli.prompts import box_to_cells, normalize_box
+    from kosmos2_cli.api.prompts import box_to_cells, normalize_box
 
     with Image.open(SCENE) as image:
         width, height = image.size

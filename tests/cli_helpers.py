@@ -84,7 +84,7 @@ def invoke(args: list[str], **kwargs):
     """Run `kosmos2 ARGS` in-process (Typer's CliRunner); stdout and stderr apart."""
     from typer.testing import CliRunner
 
-    from kosmos2_cli.cli import app
+    from kosmos2_cli.cli.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args], **kwargs)
 
@@ -103,7 +103,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def kosmos2_command() -> list[str]:
     """The command as a user runs it: this checkout's package, through its console-script entry point."""
-    return [sys.executable, "-c", "import sys; from kosmos2_cli.cli import main; sys.argv[0] = 'kosmos2'; main()"]
+    return [sys.executable, "-c", "import sys; from kosmos2_cli.cli.app import main; sys.argv[0] = 'kosmos2'; main()"]
 
 
 def run_kosmos2(args: list[str], timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
@@ -113,7 +113,7 @@ def run_kosmos2(args: list[str], timeout: float = 120, **kwargs) -> subprocess.C
 
 def cache_processors(monkeypatch) -> None:
     """Load each model folder's tokenizer once per test session (it dominates a tiny model's start-up)."""
-    from kosmos2_cli.processor import Kosmos2Processor
+    from kosmos2_cli.processing.processor import Kosmos2Processor
 
     original = Kosmos2Processor.from_pretrained.__func__
     cache = _PROCESSORS

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from oracle import RELEASED_PREPROCESSOR_CONFIG, SP_MODEL
 
-from kosmos2_cli.image_processing import Kosmos2ImageProcessor
-from kosmos2_cli.processor import Kosmos2Processor
-from kosmos2_cli.tokenizer import Kosmos2Tokenizer
+from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
+from kosmos2_cli.processing.processor import Kosmos2Processor
+from kosmos2_cli.processing.tokenizer import Kosmos2Tokenizer
 
 
 @cache

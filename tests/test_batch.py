@@ -27,7 +27,7 @@ from cli_helpers import (
     truncated_jpeg,
 )
 
-from kosmos2_cli.errors import ExitCode
+from kosmos2_cli.cli.errors import ExitCode
 
 pytestmark = pytest.mark.usefixtures("quick")
 
@@ -203,7 +203,7 @@ def test_foreign_output_file_is_left_alone(model, mixed, tmp_path):
 def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
     import torch
 
-    from kosmos2_cli.pipeline import Kosmos2
+    from kosmos2_cli.api.pipeline import Kosmos2
 
     encode = Kosmos2.encode_pixels
 
@@ -222,7 +222,7 @@ def test_out_of_memory_in_a_batch(model, mixed, tmp_path, monkeypatch):
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 @pytest.mark.usefixtures("batch_modes")
 def test_interrupt_in_process_keeps_whole_lines(model, mixed, tmp_path, monkeypatch, signal_name):
-    from kosmos2_cli.pipeline import Kosmos2
+    from kosmos2_cli.api.pipeline import Kosmos2
 
     encode = Kosmos2.encode_pixels
     calls = []
@@ -283,7 +283,7 @@ def test_interrupted_process_leaves_a_file_a_rerun_completes(model, tmp_path, ho
 def test_progress_bar_shows_rate_and_eta():
     from rich.console import Console
 
-    from kosmos2_cli.render import Reporter
+    from kosmos2_cli.cli.render import Reporter
 
     reporter = Reporter()
     buffer = io.StringIO()

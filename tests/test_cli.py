@@ -26,7 +26,7 @@ from cli_helpers import (
 from PIL import Image
 
 from kosmos2_cli import __version__
-from kosmos2_cli.errors import ExitCode
+from kosmos2_cli.cli.errors import ExitCode
 
 SCHEMA = {"image", "width", "height", "task", "prompt", "text", "entities", "raw"}
 
@@ -155,7 +155,7 @@ def test_rich_output(model, pics):
 
 
 def test_ground_rich_output_marks_phrases_not_found(model, pics, monkeypatch):
-    from kosmos2_cli import pipeline
+    from kosmos2_cli.api import pipeline
 
     def placed_or_not(self, job, name, image, raw):  # "a dog" placed, "a cat" not
         raw = raw.split("</phrase>")[0] + "</phrase>"
@@ -209,7 +209,7 @@ def test_every_image_mode(model, tmp_path):
 
 
 def test_draw_writes_the_full_size_image(model, pics, tmp_path, monkeypatch):
-    from kosmos2_cli import pipeline
+    from kosmos2_cli.api import pipeline
 
     def with_a_box(self, job, name, image, decoded, decoded_prompt=""):
         decoded = decoded_prompt + "<phrase> a thing</phrase><object><patch_index_0033><patch_index_0990></object>"
@@ -225,7 +225,7 @@ def test_draw_writes_the_full_size_image(model, pics, tmp_path, monkeypatch):
     drawn = np.asarray(Image.open(out).convert("RGB"))
     original_pixels = np.asarray(Image.open(pics["a"]).convert("RGB"))
     assert drawn.shape == original_pixels.shape
-    from kosmos2_cli import palette
+    from kosmos2_cli.cli import palette
 
     blue = palette.rgb(palette.color(0))
     assert all(abs(int(a) - b) < 40 for a, b in zip(drawn[30, 4], blue, strict=True))  # the box's left edge
@@ -310,7 +310,7 @@ def test_one_bad_image_does_not_stop_the_others(model, pics):
 def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
     import torch
 
-    from kosmos2_cli.pipeline import Kosmos2
+    from kosmos2_cli.api.pipeline import Kosmos2
 
     sizes = []
     encode = Kosmos2.encode_pixels
@@ -331,7 +331,7 @@ def test_out_of_memory_retries_smaller(model, pics, monkeypatch):
 
 @pytest.mark.usefixtures("batch_modes")
 def test_ctrl_c_exits_130_without_traceback(model, pics, monkeypatch):
-    from kosmos2_cli.pipeline import Kosmos2
+    from kosmos2_cli.api.pipeline import Kosmos2
 
     def interrupted(self, pixels):
         raise KeyboardInterrupt
@@ -342,7 +342,7 @@ def test_ctrl_c_exits_130_without_traceback(model, pics, monkeypatch):
 
 @pytest.mark.usefixtures("batch_modes")
 def test_unexpected_errors_say_so_and_debug_shows_them(model, pics, monkeypatch):
-    from kosmos2_cli.pipeline import Kosmos2
+    from kosmos2_cli.api.pipeline import Kosmos2
 
     def broken(self, pixels):
         raise ZeroDivisionError("oops")
@@ -435,7 +435,7 @@ def test_help_is_quick_and_loads_no_torch():
     probe = run_kosmos2(["--help"])
     assert probe.returncode == 0 and "caption" in probe.stdout and "batch" in probe.stdout
     check = (
-        "import sys, time; from kosmos2_cli.cli import app; from typer.testing import CliRunner; "
+        "import sys, time; from kosmos2_cli.cli.app import app; from typer.testing import CliRunner; "
         "t = time.perf_counter(); r = CliRunner().invoke(app, ['caption', '--help']); "
         "heavy = [m for m in ('torch', 'cv2', 'numpy', 'PIL', 'transformers') if m in sys.modules]; "
         "print(r.exit_code, heavy)"
@@ -458,8 +458,8 @@ def _timed(function, *args) -> float:
 
 
 def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model, pics, monkeypatch):
-    from kosmos2_cli import generate as generation
-    from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+    from kosmos2_cli.generation import generate as generation
+    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 
     encoded, calls = [], []
     encode, generate = generation.encode_images, Kosmos2ForConditionalGeneration.generate
@@ -476,7 +476,7 @@ def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model,
     monkeypatch.setattr(Kosmos2ForConditionalGeneration, "generate", counting_generate)
     result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
     assert result.exit_code == 0
-    from kosmos2_cli.processor import Kosmos2Processor
+    from kosmos2_cli.processing.processor import Kosmos2Processor
 
     end_of_object = Kosmos2Processor.from_pretrained(model).tokenizer.convert_tokens_to_ids("</object>")
     assert encoded == [2]  # two images, one encoding each
@@ -484,8 +484,8 @@ def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model,
 
 
 def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_every_phrase(model, pics, monkeypatch):
-    from kosmos2_cli import continuous
-    from kosmos2_cli import generate as generation
+    from kosmos2_cli.generation import continuous
+    from kosmos2_cli.generation import generate as generation
 
     encoded, admitted, runs = [], [], []
     encode, stream = generation.encode_images, continuous.stream
@@ -509,7 +509,7 @@ def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_ever
     monkeypatch.setattr(continuous, "stream", recording_stream)
     result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
     assert result.exit_code == 0 and len(json_lines(result.stdout)) == 2
-    from kosmos2_cli.processor import Kosmos2Processor
+    from kosmos2_cli.processing.processor import Kosmos2Processor
 
     tokenizer = Kosmos2Processor.from_pretrained(model).tokenizer
     assert encoded == [2]  # two images, one encoding for both
@@ -520,7 +520,7 @@ def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_ever
 def test_weights_that_do_not_fit_are_a_model_error_not_a_batch_to_split(model, pics, monkeypatch):
     import torch
 
-    from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 
     def no_room(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")

@@ -16,8 +16,8 @@ import pytest
 from cli_helpers import invoke, json_lines, quick  # noqa: F401  (fixture)
 from PIL import Image
 
-from kosmos2_cli import palette
-from kosmos2_cli.results import to_pixels
+from kosmos2_cli.api.results import to_pixels
+from kosmos2_cli.cli import palette
 
 trained = pytest.importorskip("trained")
 pytestmark = pytest.mark.usefixtures("quick")

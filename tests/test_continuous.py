@@ -9,9 +9,9 @@ import pytest
 import torch
 from cli_helpers import invoke
 
-from kosmos2_cli.cache import KVCache
-from kosmos2_cli.continuous import Prompt, Sampling, stream
-from kosmos2_cli.generate import encode_images
+from kosmos2_cli.generation.continuous import Prompt, Sampling, stream
+from kosmos2_cli.generation.generate import encode_images
+from kosmos2_cli.model.cache import KVCache
 
 trained = pytest.importorskip("trained")
 pytestmark = pytest.mark.needs_shared
@@ -23,7 +23,7 @@ DEVICES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.i
 
 @pytest.fixture(scope="module", params=DEVICES, ids=lambda d: d[0])
 def ours(request, trained_dir):
-    from kosmos2_cli.model import Kosmos2ForConditionalGeneration
+    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 
     device, dtype = request.param
     model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype)
@@ -178,7 +178,7 @@ def test_batch_records_match_static_batches(trained_dir, tmp_path, monkeypatch, 
 def test_stager_hands_images_in_order_and_stages_the_next_ones_ahead():
     import threading
 
-    from kosmos2_cli.engine import Prepared, _Stager
+    from kosmos2_cli.runtime.engine import Prepared, _Stager
 
     collated = []
 

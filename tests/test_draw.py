@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kosmos2_cli import palette
-from kosmos2_cli.draw import DrawError, annotate, annotated_path, save_annotated
-from kosmos2_cli.results import Entity, Result
+from kosmos2_cli.api.results import Entity, Result
+from kosmos2_cli.cli import palette
+from kosmos2_cli.cli.draw import DrawError, annotate, annotated_path, save_annotated
 
 GRAY = (128, 128, 128)
 

@@ -1,11 +1,11 @@
-"""Start-up work begun early (`kosmos2_cli.early`): which devices start it, and that it never gets in the way."""
+"""Start-up work begun early (`kosmos2_cli.fast.early`): which devices start it, and that it never gets in the way."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kosmos2_cli import early
+from kosmos2_cli.fast import early
 
 
 @pytest.mark.parametrize(("device", "index"), [("auto", 0), (None, 0), ("cuda", 0), ("CUDA:1", 1),

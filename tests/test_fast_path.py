@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kosmos2_cli.generate as generation
+import kosmos2_cli.generation.generate as generation
 from kosmos2_cli import Kosmos2ForConditionalGeneration
 
 trained = pytest.importorskip("trained")
@@ -127,7 +127,7 @@ def test_patch_embedding_as_a_product_equals_the_convolution(trained_dir):
 def test_small_batches_on_cuda_attend_with_flash_attention(models, monkeypatch):
     """Batch-1 attention without a padding mask calls FlashAttention directly on CUDA (no cuDNN plans to build
     at start-up); on the CPU it never does. The answers stay the lessons'."""
-    import kosmos2_cli.model as model_module
+    import kosmos2_cli.model.kosmos2 as model_module
 
     plain, fast = models
     picked = []
@@ -150,7 +150,7 @@ def test_carried_residual_adds_give_the_layers_numbers(models, monkeypatch):
     """After fuse_for_inference each layer leaves its last residual add to the LayerNorm of the next (one Triton
     pass on CUDA). The image embeddings and logits are those of the same model with the adds done apart: bit for
     bit on the CPU (the same operations), within bf16 rounding on CUDA, with the same next token."""
-    import kosmos2_cli.model as model_module
+    import kosmos2_cli.model.kosmos2 as model_module
 
     _, fast = models
     calls = []
@@ -181,7 +181,7 @@ def test_carried_residual_adds_give_the_layers_numbers(models, monkeypatch):
 def test_fused_norm_kernels_equal_the_separate_operations():
     """add_layer_norm and gelu_layer_norm round where the separate kernels round: the sum bit for bit, the normed
     rows within one bf16 step of PyTorch's LayerNorm."""
-    kernels = pytest.importorskip("kosmos2_cli.kernels")
+    kernels = pytest.importorskip("kosmos2_cli.fast.kernels")
     torch.manual_seed(0)
     for width, rows in ((1024, 3 * 257), (2048, 5), (8192, 7)):
         norm = torch.nn.LayerNorm(width, device="cuda", dtype=torch.bfloat16)
@@ -198,7 +198,7 @@ def test_fused_norm_kernels_equal_the_separate_operations():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
 def test_decode_attention_skips_finished_rows():
     """Rows flagged done give zeros and read nothing; the others attend exactly as without flags."""
-    kernels = pytest.importorskip("kosmos2_cli.kernels")
+    kernels = pytest.importorskip("kosmos2_cli.fast.kernels")
     torch.manual_seed(0)
     q, k_new, v_new = (torch.randn(4, 8, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     keys, values = (torch.randn(4, 8, 40, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -215,7 +215,7 @@ def test_decode_attention_skips_finished_rows():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
 def test_layer_norm_kernel_with_l2_normalize_equals_pytorch():
     """The image features' post-LayerNorm and F.normalize in one Triton pass: within one bf16 step of PyTorch."""
-    kernels = pytest.importorskip("kosmos2_cli.kernels")
+    kernels = pytest.importorskip("kosmos2_cli.fast.kernels")
     torch.manual_seed(0)
     norm = torch.nn.LayerNorm(1024, device="cuda", dtype=torch.bfloat16)
     torch.nn.init.normal_(norm.weight)

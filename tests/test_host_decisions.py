@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kosmos2_cli.model as model_module
+import kosmos2_cli.model.kosmos2 as model_module
 from kosmos2_cli import Kosmos2ForConditionalGeneration
-from kosmos2_cli.generate import image_block
+from kosmos2_cli.generation.generate import image_block
 
 trained = pytest.importorskip("trained")
 

@@ -10,7 +10,7 @@ import torch
 from oracle import RELEASED_PREPROCESSOR_CONFIG, fixture_images, reference_processor
 from PIL import Image
 
-from kosmos2_cli.image_processing import Kosmos2ImageProcessor, to_rgb
+from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor, to_rgb
 
 ATOL = 1e-6
 

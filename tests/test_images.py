@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kosmos2_cli import images
-from kosmos2_cli.images import ImageLoadError, load_image
+from kosmos2_cli.processing import images
+from kosmos2_cli.processing.images import ImageLoadError, load_image
 
 
 def _photo(width: int = 64, height: int = 40) -> Image.Image:

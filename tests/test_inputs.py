@@ -7,7 +7,7 @@ import os
 import pytest
 from cli_helpers import not_an_image, photo, save
 
-from kosmos2_cli.inputs import InputError, expand_inputs
+from kosmos2_cli.runtime.inputs import InputError, expand_inputs
 
 
 @pytest.fixture

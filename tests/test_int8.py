@@ -12,8 +12,9 @@ import torch
 from oracle import IMAGES, reference_processor, save_reference_checkpoint, tiny_config
 from PIL import Image
 
-from kosmos2_cli import Kosmos2ForConditionalGeneration, quant
-from kosmos2_cli.devices import resolve_dtype
+from kosmos2_cli import Kosmos2ForConditionalGeneration
+from kosmos2_cli.model import quant
+from kosmos2_cli.model.devices import resolve_dtype
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

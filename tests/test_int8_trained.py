@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kosmos2_cli import Kosmos2ForConditionalGeneration, quant
+from kosmos2_cli import Kosmos2ForConditionalGeneration
+from kosmos2_cli.model import quant
 
 trained = pytest.importorskip("trained")
 pytestmark = pytest.mark.needs_shared

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kosmos2_cli.jsonl import OutputFileError, ResultsFile
-from kosmos2_cli.tasks import record_key
+from kosmos2_cli.api.tasks import record_key
+from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
 
 
 def _record(image: str, error: bool = False) -> dict:

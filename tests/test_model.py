@@ -176,7 +176,7 @@ def test_half_precision_matches_reference_and_stays_close(dtype, tmp_path, share
 @torch.no_grad()
 def test_fixed_shape_decoding_and_fused_projections_change_nothing(pair, monkeypatch):
     """What the CUDA graph replays (attention over the whole fixed-size cache) and fused q/k/v, run on CPU."""
-    import kosmos2_cli.generate as generation
+    import kosmos2_cli.generation.generate as generation
 
     _, ours, queries = pair
     batch = inputs("<grounding> An image of", "snowman.png", queries)

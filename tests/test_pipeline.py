@@ -8,15 +8,15 @@ import random
 import pytest
 from PIL import Image
 
-from kosmos2_cli import prompts
-from kosmos2_cli.pipeline import Job, Kosmos2
+from kosmos2_cli.api import prompts
+from kosmos2_cli.api.pipeline import Job, Kosmos2
 
 
 @pytest.fixture(scope="module")
 def processor(shared_fixtures, tmp_path_factory):
     from oracle import write_tokenizer_files
 
-    from kosmos2_cli.processor import Kosmos2Processor
+    from kosmos2_cli.processing.processor import Kosmos2Processor
 
     folder = tmp_path_factory.mktemp("tokenizer")
     write_tokenizer_files(folder)

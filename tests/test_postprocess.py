@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kosmos2_cli import postprocess as ours
+from kosmos2_cli.processing import postprocess as ours
 
 SNOWMAN = (
     "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> "

@@ -14,7 +14,7 @@ from oracle import fixture_images, reference_processor
 from PIL import Image
 from processor_helpers import assert_same_encoding, our_processor, plain, write_model_dir
 
-from kosmos2_cli.processor import BatchFeature, Kosmos2Processor, normalize_box
+from kosmos2_cli.processing.processor import BatchFeature, Kosmos2Processor, normalize_box
 
 SNOWMAN_GENERATION = (
     "<grounding> An image of<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> "
@@ -306,7 +306,8 @@ def test_from_pretrained_repo_id_goes_through_the_hub(tmp_path, monkeypatch, sha
         calls.append((name_or_path, revision))
         return folder
 
-    monkeypatch.setitem(sys.modules, "kosmos2_cli.hub", types.SimpleNamespace(resolve_model_dir=resolve_model_dir))
+    monkeypatch.setitem(sys.modules, "kosmos2_cli.model.hub",
+                        types.SimpleNamespace(resolve_model_dir=resolve_model_dir))
     processor = Kosmos2Processor.from_pretrained("microsoft/kosmos-2-patch14-224", revision="abc")
     assert calls == [("microsoft/kosmos-2-patch14-224", "abc")]
     assert len(processor.tokenizer) == 65037
@@ -314,7 +315,8 @@ def test_from_pretrained_repo_id_goes_through_the_hub(tmp_path, monkeypatch, sha
 
 def test_importing_the_processor_does_not_import_transformers():
     code = (
-        "import sys, kosmos2_cli.processor, kosmos2_cli.images, kosmos2_cli.postprocess; "
+        "import sys, kosmos2_cli.processing.processor, kosmos2_cli.processing.images, "
+        "kosmos2_cli.processing.postprocess; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'tokenizers')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )

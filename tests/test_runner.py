@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from kosmos2_cli.engine import Prepared
-from kosmos2_cli.images import ImageLoadError
-from kosmos2_cli.results import Failure, Result
-from kosmos2_cli.runner import Runner
-from kosmos2_cli.tasks import TaskSpec
+from kosmos2_cli.api.results import Failure, Result
+from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.processing.images import ImageLoadError
+from kosmos2_cli.runtime.engine import Prepared
+from kosmos2_cli.runtime.runner import Runner
 
 SPEC = TaskSpec.build("caption")
 
@@ -224,7 +224,7 @@ def test_collated_pixels_are_staged_on_the_gpu_unchanged(trained_dir):
     import numpy as np
     from oracle import fixture_images
 
-    from kosmos2_cli.engine import PipelineEngine, Staged
+    from kosmos2_cli.runtime.engine import PipelineEngine, Staged
 
     engine = PipelineEngine(trained_dir, device="cuda")
     prepared = [engine.prepare(str(path), SPEC) for path in fixture_images()[:3]]
@@ -239,10 +239,10 @@ def test_collated_pixels_are_staged_on_the_gpu_unchanged(trained_dir):
 def test_default_batch_size_follows_the_gpu_memory(monkeypatch, trained_dir):
     """With no --batch-size: 8 on a CPU; on a GPU the largest power of two (8..256) whose key/value cache and
     activations fit in 40% of the free memory, the weights counted out until they are loaded."""
-    from kosmos2_cli.config import Kosmos2Config
-    from kosmos2_cli.engine import PipelineEngine
-    from kosmos2_cli.pipeline import GenerationOptions
-    from kosmos2_cli.runner import default_batch_size
+    from kosmos2_cli.api.pipeline import GenerationOptions
+    from kosmos2_cli.model.config import Kosmos2Config
+    from kosmos2_cli.runtime.engine import PipelineEngine
+    from kosmos2_cli.runtime.runner import default_batch_size
 
     engine = PipelineEngine(trained_dir, device="cpu")
     assert default_batch_size(engine) == 8
@@ -260,8 +260,8 @@ def test_default_batch_size_follows_the_gpu_memory(monkeypatch, trained_dir):
 
 def test_default_batch_size_leaves_bad_settings_to_the_model_load(trained_dir, monkeypatch):
     """--dtype int8 with a GPU cannot be sized: the default falls back to 64 and the load gives the error."""
-    from kosmos2_cli.engine import PipelineEngine
-    from kosmos2_cli.runner import default_batch_size
+    from kosmos2_cli.runtime.engine import PipelineEngine
+    from kosmos2_cli.runtime.runner import default_batch_size
 
     monkeypatch.setattr(PipelineEngine, "on_gpu", property(lambda self: True))
     assert default_batch_size(PipelineEngine(trained_dir, device="cuda", dtype="int8")) == 64

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kosmos2_cli.safetensors_mmap import MappedSafetensors, SafetensorsFormatError
+from kosmos2_cli.model.safetensors_mmap import MappedSafetensors, SafetensorsFormatError
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_tensors_are_views_of_one_map_and_survive_release(tensors, tmp_path):
 
 
 def test_release_view_finds_the_map(tensors, tmp_path):
-    from kosmos2_cli.safetensors_mmap import release_view
+    from kosmos2_cli.model.safetensors_mmap import release_view
 
     path = tmp_path / "m.safetensors"
     save_file(tensors, str(path))

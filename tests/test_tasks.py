@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kosmos2_cli.prompts import PromptError
-from kosmos2_cli.results import Entity, Failure, Result
-from kosmos2_cli.tasks import TaskSpec, merge_ground, record_key, spec_key
+from kosmos2_cli.api.prompts import PromptError
+from kosmos2_cli.api.results import Entity, Failure, Result
+from kosmos2_cli.api.tasks import TaskSpec, merge_ground, record_key, spec_key
 
 
 def test_prompts_of_the_model_card():

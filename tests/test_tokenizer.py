@@ -10,7 +10,7 @@ import torch
 from oracle import SP_MODEL, reference_processor
 from processor_helpers import our_tokenizer, random_text
 
-from kosmos2_cli.tokenizer import NUM_PATCH_INDEX_TOKENS, TAG_TOKENS, Kosmos2Tokenizer, patch_index_token
+from kosmos2_cli.processing.tokenizer import NUM_PATCH_INDEX_TOKENS, TAG_TOKENS, Kosmos2Tokenizer, patch_index_token
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_normalization_matches_tokenizers_precompiled(tok, shared_fixtures):
     """The charsmap step alone, against `tokenizers`' Precompiled normalizer (clearer failures than ids)."""
     from tokenizers import normalizers
 
-    from kosmos2_cli._spm_normalizer import precompiled_charsmap
+    from kosmos2_cli.processing._spm_normalizer import precompiled_charsmap
 
     reference = normalizers.Precompiled(precompiled_charsmap(SP_MODEL.read_bytes()))
     rng = random.Random(99)
@@ -200,7 +200,7 @@ def test_normalization_on_grapheme_edge_cases(tok, shared_fixtures):
 
     from tokenizers import normalizers
 
-    from kosmos2_cli._spm_normalizer import precompiled_charsmap
+    from kosmos2_cli.processing._spm_normalizer import precompiled_charsmap
 
     reference = normalizers.Precompiled(precompiled_charsmap(SP_MODEL.read_bytes()))
     spacing = [chr(c) for c in range(0x900, 0x1100) if unicodedata.category(chr(c)) == "Mc"]

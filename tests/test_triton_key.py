@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kosmos2_cli import triton_key
+from kosmos2_cli.fast import triton_key
 
 FAKE_CACHE = '''
 CALLS = []

@@ -9,9 +9,10 @@ import torch
 from oracle import save_reference_checkpoint, tiny_config
 from safetensors.torch import load_file, save_file
 
-from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Model, weights
-from kosmos2_cli.hub import ModelNotFoundError
-from kosmos2_cli.weights import WeightsError
+from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Model
+from kosmos2_cli.model import weights
+from kosmos2_cli.model.hub import ModelNotFoundError
+from kosmos2_cli.model.weights import WeightsError
 
 SMALL = dict(text=dict(embed_dim=24, attention_heads=2, ffn_dim=32, layers=2), latent_query_num=4,
              vision=dict(hidden_size=16, num_attention_heads=2, intermediate_size=24, num_hidden_layers=1))
@@ -73,7 +74,7 @@ def test_streamed_load_gives_the_mapped_loads_tensors(checkpoint, dtype, monkeyp
     folder, _ = checkpoint
     mapped = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     monkeypatch.setattr(weights, "_streams", lambda model, device: True)
-    monkeypatch.setattr("kosmos2_cli.staging.CHUNK", 1000)  # tensors span several reads
+    monkeypatch.setattr("kosmos2_cli.model.staging.CHUNK", 1000)  # tensors span several reads
     streamed = Kosmos2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     theirs = mapped.state_dict()
     for name, tensor in streamed.state_dict().items():

@@ -11,26 +11,26 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "Kosmos2Config": "kosmos2_cli.config",
-    "Kosmos2TextConfig": "kosmos2_cli.config",
-    "Kosmos2VisionConfig": "kosmos2_cli.config",
-    "Kosmos2Model": "kosmos2_cli.model",
-    "Kosmos2ForConditionalGeneration": "kosmos2_cli.model",
-    "Kosmos2Processor": "kosmos2_cli.processor",
-    "Kosmos2Tokenizer": "kosmos2_cli.tokenizer",
-    "Kosmos2ImageProcessor": "kosmos2_cli.image_processing",
-    "Kosmos2": "kosmos2_cli.pipeline",
+    "Kosmos2Config": "kosmos2_cli.model.config",
+    "Kosmos2TextConfig": "kosmos2_cli.model.config",
+    "Kosmos2VisionConfig": "kosmos2_cli.model.config",
+    "Kosmos2Model": "kosmos2_cli.model.kosmos2",
+    "Kosmos2ForConditionalGeneration": "kosmos2_cli.model.kosmos2",
+    "Kosmos2Processor": "kosmos2_cli.processing.processor",
+    "Kosmos2Tokenizer": "kosmos2_cli.processing.tokenizer",
+    "Kosmos2ImageProcessor": "kosmos2_cli.processing.image_processing",
+    "Kosmos2": "kosmos2_cli.api.pipeline",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
-    from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
-    from kosmos2_cli.image_processing import Kosmos2ImageProcessor
-    from kosmos2_cli.model import Kosmos2ForConditionalGeneration, Kosmos2Model
-    from kosmos2_cli.pipeline import Kosmos2
-    from kosmos2_cli.processor import Kosmos2Processor
-    from kosmos2_cli.tokenizer import Kosmos2Tokenizer
+    from kosmos2_cli.api.pipeline import Kosmos2
+    from kosmos2_cli.model.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
+    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration, Kosmos2Model
+    from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
+    from kosmos2_cli.processing.processor import Kosmos2Processor
+    from kosmos2_cli.processing.tokenizer import Kosmos2Tokenizer
 
 
 def __getattr__(name: str) -> Any:

@@ -1,3 +1,3 @@
-from kosmos2_cli.cli import app
+from kosmos2_cli.cli.app import app
 
 app(prog_name="kosmos2")

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kosmos2_cli._spm_normalizer import CharsMap, precompiled_charsmap
+from kosmos2_cli.processing._spm_normalizer import CharsMap, precompiled_charsmap
 
 SP_MODEL_FILE = "sentencepiece.bpe.model"
 

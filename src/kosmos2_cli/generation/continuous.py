@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kosmos2_cli.cache import KVCache
-from kosmos2_cli.generate import LOOKAHEAD_CUDA, WINDOW, Decoder, Sampling, image_block, left_align
+from kosmos2_cli.generation.generate import LOOKAHEAD_CUDA, WINDOW, Decoder, Sampling, image_block, left_align
+from kosmos2_cli.model.cache import KVCache
 
 # Rows are refilled once this share of them is free (or none runs): prefilling a handful of prompts at a time
 # leaves a GPU mostly idle, while a quarter of a large batch prefills at nearly full efficiency.

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from kosmos2_cli.engine import Engine, Prepared, is_out_of_memory
-from kosmos2_cli.results import Failure, Result
-from kosmos2_cli.tasks import TaskSpec
+from kosmos2_cli.api.results import Failure, Result
+from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.runtime.engine import Engine, Prepared, is_out_of_memory
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,8 +73,8 @@ def process_workers() -> int:
 def prepare_outcome(prepare: Callable, name: str, spec: TaskSpec, *args) -> Prepared | Failure:
     """`prepare(name, spec, *args)`, or the Failure that says why the image cannot be used (picklable: it may
     run in a worker process)."""
-    from kosmos2_cli.images import ImageLoadError
-    from kosmos2_cli.prompts import PromptError
+    from kosmos2_cli.api.prompts import PromptError
+    from kosmos2_cli.processing.images import ImageLoadError
 
     try:
         return prepare(name, spec, *args)
@@ -87,7 +87,7 @@ def prepare_outcome(prepare: Callable, name: str, spec: TaskSpec, *args) -> Prep
 
 
 def _prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
-    from kosmos2_cli.engine import prepare_in_worker
+    from kosmos2_cli.runtime.engine import prepare_in_worker
 
     return prepare_in_worker(name, spec, keep_image)
 

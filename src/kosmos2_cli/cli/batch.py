@@ -17,11 +17,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from kosmos2_cli.errors import CliError, ExitCode
-from kosmos2_cli.options import Settings
-from kosmos2_cli.render import Reporter
-from kosmos2_cli.results import Failure
-from kosmos2_cli.tasks import TaskSpec, record_key, spec_key
+from kosmos2_cli.api.results import Failure
+from kosmos2_cli.api.tasks import TaskSpec, record_key, spec_key
+from kosmos2_cli.cli.errors import CliError, ExitCode
+from kosmos2_cli.cli.options import Settings
+from kosmos2_cli.cli.render import Reporter
 
 
 class Terminated(KeyboardInterrupt):
@@ -48,8 +48,8 @@ class Summary:
 def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, *, overwrite: bool = False,
               retry_failed: bool = False) -> ExitCode:
     """Run `spec` over every image of `inputs`, appending one record per image to `output`."""
-    from kosmos2_cli.jsonl import OutputFileError, ResultsFile
-    from kosmos2_cli.run import expand
+    from kosmos2_cli.cli.run import expand
+    from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
 
     reporter = Reporter(json_mode=False, quiet=settings.quiet)
     for warning in settings.check():
@@ -80,9 +80,9 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
 
 def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, reporter: Reporter,
              summary: Summary) -> None:
-    from kosmos2_cli.engine import ModelLoadError
-    from kosmos2_cli.run import open_engine
-    from kosmos2_cli.runner import Runner, use_processes
+    from kosmos2_cli.cli.run import open_engine
+    from kosmos2_cli.runtime.engine import ModelLoadError
+    from kosmos2_cli.runtime.runner import Runner, use_processes
 
     engine = open_engine(settings, reporter)
     runner = Runner(engine, spec, settings.batch_size or None, settings.workers or None, notice=reporter.warning,
@@ -123,7 +123,7 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
 
 
 def _draw(image, result, folder: Path) -> None:
-    from kosmos2_cli.draw import annotated_path, save_annotated
+    from kosmos2_cli.cli.draw import annotated_path, save_annotated
 
     save_annotated(image, result, annotated_path(folder, result.image))
 

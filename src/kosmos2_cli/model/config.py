@@ -180,7 +180,7 @@ class Kosmos2Config(_ConfigBase):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, revision: str | None = None) -> Kosmos2Config:
-        from kosmos2_cli.hub import resolve_model_dir
+        from kosmos2_cli.model.hub import resolve_model_dir
 
         folder = resolve_model_dir(name_or_path, revision=revision)
         return cls.from_json_file(folder / CONFIG_NAME)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kosmos2_cli.cache import KVCache
-from kosmos2_cli.graphs import Graphed
+from kosmos2_cli.fast.graphs import Graphed
+from kosmos2_cli.model.cache import KVCache
 
 DEFAULT_MAX_NEW_TOKENS = 128
 

@@ -13,7 +13,7 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
     "half": torch.float16,
-    # Weight-only int8 (CPU): int8 weights with per-channel scales, float activations; see kosmos2_cli.quant.
+    # Weight-only int8 (CPU): int8 weights with per-channel scales, float activations; see kosmos2_cli.model.quant.
     "int8": torch.int8,
     "qint8": torch.int8,
 }

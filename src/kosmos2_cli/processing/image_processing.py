@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from kosmos2_cli.config import read_json_object
+from kosmos2_cli.model.config import read_json_object
 
 PREPROCESSOR_CONFIG_FILE = "preprocessor_config.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -183,7 +183,7 @@ class Kosmos2ImageProcessor:
 
     def _as_rgb_image(self, image: Any) -> Image.Image:
         if isinstance(image, (str, Path)):
-            from kosmos2_cli.images import load_image
+            from kosmos2_cli.processing.images import load_image
 
             image = load_image(image)
         if isinstance(image, Image.Image):

@@ -16,13 +16,13 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kosmos2_cli.results import Result
-from kosmos2_cli.tasks import TaskSpec
+from kosmos2_cli.api.results import Result
+from kosmos2_cli.api.tasks import TaskSpec
 
 if TYPE_CHECKING:
     from PIL import Image
 
-    from kosmos2_cli.pipeline import GenerationOptions
+    from kosmos2_cli.api.pipeline import GenerationOptions
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Staged:
 def prepare_image(image_processor, name: str, spec: TaskSpec, keep_image: bool = True) -> Prepared:
     """Load, check and preprocess one image (CPU work that needs no model). Pixels come back as a float32
     (1, 3, H, W) array, which crosses process boundaries cheaply."""
-    from kosmos2_cli.images import load_image
+    from kosmos2_cli.processing.images import load_image
 
     image = load_image(name)
     spec.check_image(*image.size)
@@ -129,7 +129,7 @@ class PipelineEngine:
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
                  options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None) -> None:
-        from kosmos2_cli.processor import Kosmos2Processor
+        from kosmos2_cli.processing.processor import Kosmos2Processor
 
         self.folder = Path(folder)
         self.device = device
@@ -146,8 +146,8 @@ class PipelineEngine:
     def kosmos(self):
         """The loaded pipeline (weights load on first use)."""
         if self._kosmos is None:
-            from kosmos2_cli.model import Kosmos2ForConditionalGeneration
-            from kosmos2_cli.pipeline import Kosmos2
+            from kosmos2_cli.api.pipeline import Kosmos2
+            from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 
             if self.on_load:
                 self.on_load(True)
@@ -176,8 +176,8 @@ class PipelineEngine:
         free memory (the weights counted out until they are loaded)."""
         import torch
 
-        from kosmos2_cli.config import Kosmos2Config
-        from kosmos2_cli.devices import resolve_device, resolve_dtype
+        from kosmos2_cli.model.config import Kosmos2Config
+        from kosmos2_cli.model.devices import resolve_device, resolve_dtype
 
         device = resolve_device(self.device)
         width = resolve_dtype(self.dtype, device).itemsize
@@ -221,7 +221,7 @@ class PipelineEngine:
         import torch
 
         if self._stream is None:
-            from kosmos2_cli.devices import resolve_device
+            from kosmos2_cli.model.devices import resolve_device
 
             self._stream = torch.cuda.Stream(resolve_device(self.device))
         return self._stream
@@ -344,7 +344,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(folder: Path) -> None:
-    from kosmos2_cli.image_processing import Kosmos2ImageProcessor
+    from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
 
     _die_with_parent()
     _WORKER["image_processor"] = Kosmos2ImageProcessor.from_pretrained(folder)

@@ -27,8 +27,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from kosmos2_cli import palette
-from kosmos2_cli.results import Failure, Result
+from kosmos2_cli.api.results import Failure, Result
+from kosmos2_cli.cli import palette
 
 
 def json_line(record: dict[str, Any]) -> str:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kosmos2_cli import early
-from kosmos2_cli.cache import KVCache
-from kosmos2_cli.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
+from kosmos2_cli.fast import early
+from kosmos2_cli.model.cache import KVCache
+from kosmos2_cli.model.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
 
 
 def _quick_gelu(x: Tensor) -> Tensor:
@@ -28,7 +28,7 @@ def _quick_gelu(x: Tensor) -> Tensor:
 def _fast_quick_gelu(x: Tensor) -> Tensor:
     """The same in one Triton kernel on CUDA (what fuse_for_inference installs where Triton is present)."""
     if x.is_cuda:
-        from kosmos2_cli.kernels import quick_gelu
+        from kosmos2_cli.fast.kernels import quick_gelu
 
         return quick_gelu(x)
     return _quick_gelu(x)
@@ -60,7 +60,7 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fast and x.is_cuda:
-            from kosmos2_cli.kernels import layer_norm
+            from kosmos2_cli.fast.kernels import layer_norm
 
             return layer_norm(x, self.weight, self.bias, self.eps)
         return super().forward(x)
@@ -69,7 +69,7 @@ class LayerNorm(nn.LayerNorm):
 def _add_norm(x: Tensor, h: Tensor, norm: LayerNorm) -> tuple[Tensor, Tensor]:
     """(x + h, norm(x + h)): one Triton pass where the LayerNorm is fast, else the two operations."""
     if norm.fast and x.is_cuda:
-        from kosmos2_cli.kernels import add_layer_norm
+        from kosmos2_cli.fast.kernels import add_layer_norm
 
         return add_layer_norm(x, h, norm)
     x = x + h
@@ -79,7 +79,7 @@ def _add_norm(x: Tensor, h: Tensor, norm: LayerNorm) -> tuple[Tensor, Tensor]:
 def _norm_l2(x: Tensor, norm: LayerNorm) -> Tensor:
     """F.normalize(norm(x)): one Triton pass where the LayerNorm is fast."""
     if norm.fast and x.is_cuda:
-        from kosmos2_cli.kernels import layer_norm
+        from kosmos2_cli.fast.kernels import layer_norm
 
         return layer_norm(x, norm.weight, norm.bias, norm.eps, l2_normalize=True)
     return F.normalize(norm(x), dim=-1)
@@ -88,7 +88,7 @@ def _norm_l2(x: Tensor, norm: LayerNorm) -> Tensor:
 def _act_norm(h: Tensor, name: str, act, norm: LayerNorm) -> Tensor:
     """norm(act(h)); the decoder's exact GELU and its LayerNorm in one Triton pass where the LayerNorm is fast."""
     if norm.fast and h.is_cuda and name == "gelu":
-        from kosmos2_cli.kernels import gelu_layer_norm
+        from kosmos2_cli.fast.kernels import gelu_layer_norm
 
         return gelu_layer_norm(h, norm)
     return norm(act(h))
@@ -226,7 +226,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
         self.inner_attn_ln = LayerNorm(dim, eps=inner_norm_eps) if inner_norm_eps is not None else None
 
-        # Fused q/k/v (fuse_qkv): (weight, bias) of a float model, or one int8 layer (kosmos2_cli.quant).
+        # Fused q/k/v (fuse_qkv): (weight, bias) of a float model, or one int8 layer (kosmos2_cli.model.quant).
         self.qkv: tuple[Tensor, Tensor] | nn.Module | None = None
         self.fast_decode = False  # a Triton kernel for one-query steps over a fixed-shape cache (CUDA)
 
@@ -237,7 +237,7 @@ class Attention(nn.Module):
     def fuse_qkv(self) -> None:
         """One (3*dim, dim) projection instead of three, for inference; q/k/v_proj become views of it."""
         if hasattr(self.q_proj, "qweight"):
-            from kosmos2_cli.quant import fuse_linears
+            from kosmos2_cli.model.quant import fuse_linears
 
             self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
             return
@@ -250,14 +250,14 @@ class Attention(nn.Module):
             proj.bias = nn.Parameter(bias[rows], requires_grad=False)
         self.qkv = (weight, bias)
         if weight.device.type == "cpu":
-            from kosmos2_cli.safetensors_mmap import release_view
+            from kosmos2_cli.model.safetensors_mmap import release_view
 
             for old in replaced:  # views of a memory-mapped checkpoint: hand their pages back (no double RSS)
                 release_view(old)
 
     def decode_step(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, slots: Tensor) -> Tensor:
         """One Triton kernel writes this step's keys and values into the cache and attends over the row's slots."""
-        from kosmos2_cli.kernels import decode_attention_append
+        from kosmos2_cli.fast.kernels import decode_attention_append
 
         keys, values = cache.keys[layer], cache.values[layer]
         return decode_attention_append(q.to(keys.dtype), k, v, keys, values, slots, cache.valid, cache.next_slot,
@@ -483,7 +483,7 @@ class DecoderLayer(nn.Module):
     def _one_row_step(self, x: Tensor, cache: KVCache, layer: int, slots: Tensor) -> Tensor:
         """The layer for one token of one row: what `forward` computes, each LayerNorm, bias, activation and
         residual fused into the matrix-vector product next to it (`kernels.linear_row`)."""
-        from kosmos2_cli.kernels import linear_row
+        from kosmos2_cli.fast.kernels import linear_row
 
         attn, ffn = self.self_attn, self.ffn
         qkv = linear_row(x, *attn.qkv, norm=self.self_attn_layer_norm)
@@ -719,9 +719,9 @@ class Kosmos2PreTrainedModel(nn.Module):
 
         `dtype="int8"` (CPU only): weight-only int8 with per-channel scales, quantized while loading; see `quant`.
         """
-        from kosmos2_cli.devices import resolve_device, resolve_dtype
-        from kosmos2_cli.hub import resolve_model_dir
-        from kosmos2_cli.weights import load_weights
+        from kosmos2_cli.model.devices import resolve_device, resolve_dtype
+        from kosmos2_cli.model.hub import resolve_model_dir
+        from kosmos2_cli.model.weights import load_weights
 
         folder = resolve_model_dir(name_or_path, revision=revision)
         early.start_cuda(device)  # the driver starts while the model is built; `resolve_device` waits for it
@@ -734,7 +734,7 @@ class Kosmos2PreTrainedModel(nn.Module):
         if target.type == "cuda":
             early.start_kernels(target, target_dtype)  # ready for fuse_for_inference and the first image
         if quantized:
-            from kosmos2_cli.quant import allocate, quantize_modules
+            from kosmos2_cli.model.quant import allocate, quantize_modules
 
             with torch.device("meta"), _no_init():
                 quantize_modules(model)  # int8 weights, quantized as they are read; the rest in float32
@@ -745,13 +745,13 @@ class Kosmos2PreTrainedModel(nn.Module):
                 if isinstance(module, Attention):
                     module.fuse_qkv()  # one int8 layer for q/k/v: fewer, larger kernel calls per step
             model.cache_dtype = torch.bfloat16
-            from kosmos2_cli.quant import free_scratch
+            from kosmos2_cli.model.quant import free_scratch
 
             free_scratch("quantize")
         return model.eval()
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from kosmos2_cli.weights import save_weights
+        from kosmos2_cli.model.weights import save_weights
 
         self.config.save_pretrained(folder)
         save_weights(self, Path(folder))
@@ -958,7 +958,7 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
             fast_norm = False
         fused_activations = ()
         if fast_norm:
-            from kosmos2_cli.kernels import ACTIVATIONS as fused_activations
+            from kosmos2_cli.fast.kernels import ACTIVATIONS as fused_activations
         for module in self.modules():
             if isinstance(module, Attention):
                 if module.qkv is None:
@@ -998,7 +998,7 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.__dict__.get("_one_row_head") and hidden.is_cuda and hidden.numel() == hidden.shape[-1]:
-            from kosmos2_cli.kernels import linear_row
+            from kosmos2_cli.fast.kernels import linear_row
 
             return linear_row(hidden, self.text_model.lm_head.weight, None)  # 2.9 TB/s against cuBLAS's 1.7
         padded = self.__dict__.get("_padded_head")
@@ -1068,8 +1068,8 @@ class Kosmos2ForConditionalGeneration(Kosmos2PreTrainedModel):
         image_embeds: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        """Prompt + new tokens, as the reference's `generate` returns them; see `kosmos2_cli.generate`."""
-        from kosmos2_cli.generate import generate
+        """Prompt + new tokens, as the reference's `generate` returns them; see `kosmos2_cli.generation.generate`."""
+        from kosmos2_cli.generation.generate import generate
 
         return generate(
             self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kosmos2_cli.config import Kosmos2TextConfig
+from kosmos2_cli.model.config import Kosmos2TextConfig
 
 
 class KVCache:

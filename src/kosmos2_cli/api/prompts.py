@@ -76,7 +76,7 @@ def normalize_box(
 
 def box_to_cells(box: tuple[float, float, float, float], grid: int = GRID) -> tuple[int, int]:
     """The grid cells of a normalized box's corners, as the reference's processor computes them."""
-    from kosmos2_cli.postprocess import coordinate_to_patch_index
+    from kosmos2_cli.processing.postprocess import coordinate_to_patch_index
 
     return coordinate_to_patch_index(box, grid)
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from kosmos2_cli.errors import CliError, ExitCode
-from kosmos2_cli.hub import DEFAULT_MODEL
+from kosmos2_cli.cli.errors import CliError, ExitCode
+from kosmos2_cli.model.hub import DEFAULT_MODEL
 
 MODEL = "Model"
 GENERATION = "Generation"
@@ -46,7 +46,7 @@ class Settings:
 
     def generation_options(self):
         """The pipeline's GenerationOptions (imports torch)."""
-        from kosmos2_cli.pipeline import GenerationOptions
+        from kosmos2_cli.api.pipeline import GenerationOptions
 
         return GenerationOptions(
             max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.sample,

@@ -9,16 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from kosmos2_cli.errors import CliError, ExitCode
-from kosmos2_cli.options import Settings
-from kosmos2_cli.render import Reporter
-from kosmos2_cli.results import Failure
-from kosmos2_cli.tasks import TaskSpec
+from kosmos2_cli.api.results import Failure
+from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.cli.errors import CliError, ExitCode
+from kosmos2_cli.cli.options import Settings
+from kosmos2_cli.cli.render import Reporter
 
 
 def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
     """The images named by INPUTS (usage error when one names nothing), less those under `exclude`."""
-    from kosmos2_cli.inputs import InputError, expand_inputs
+    from kosmos2_cli.runtime.inputs import InputError, expand_inputs
 
     try:
         names = expand_inputs(inputs)
@@ -34,11 +34,11 @@ def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
 
 def open_engine(settings: Settings, reporter: Reporter):
     """The engine for the settings: device and dtype checked, model found (downloaded once), tokenizer loaded."""
-    from kosmos2_cli import early
+    from kosmos2_cli.fast import early
 
     early.start_cuda(settings.device)  # the GPU's driver starts while torch is imported
-    from kosmos2_cli.devices import resolve_device, resolve_dtype
-    from kosmos2_cli.engine import ModelLoadError, PipelineEngine
+    from kosmos2_cli.model.devices import resolve_device, resolve_dtype
+    from kosmos2_cli.runtime.engine import ModelLoadError, PipelineEngine
 
     try:
         device = resolve_device(settings.device)
@@ -54,7 +54,7 @@ def open_engine(settings: Settings, reporter: Reporter):
 
 def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
     """A local folder holding the model: `model` itself, its cached snapshot, or a fresh download into the cache."""
-    from kosmos2_cli.hub import ModelNotFoundError, cached_model_dir, offline_mode, resolve_model_dir
+    from kosmos2_cli.model.hub import ModelNotFoundError, cached_model_dir, offline_mode, resolve_model_dir
 
     local = Path(model).expanduser()
     if local.is_dir():
@@ -76,8 +76,8 @@ def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
 
 def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitCode:
     """Run `spec` over the images of `inputs`; results to stdout as they are done."""
-    from kosmos2_cli.engine import ModelLoadError
-    from kosmos2_cli.runner import Runner
+    from kosmos2_cli.runtime.engine import ModelLoadError
+    from kosmos2_cli.runtime.runner import Runner
 
     reporter = Reporter(json_mode=settings.json, quiet=settings.quiet)
     for warning in settings.check():
@@ -114,7 +114,7 @@ def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitC
 
 
 def _check_drawing_path(path: Path) -> None:
-    from kosmos2_cli.draw import DrawError, check_output_path
+    from kosmos2_cli.cli.draw import DrawError, check_output_path
 
     try:
         check_output_path(path)
@@ -127,7 +127,7 @@ def _drawing_paths(settings: Settings, name: str) -> list[Path]:
     if settings.draw is not None:
         paths.append(settings.draw)
     if settings.annotate_dir is not None:
-        from kosmos2_cli.draw import annotated_path
+        from kosmos2_cli.cli.draw import annotated_path
 
         paths.append(annotated_path(settings.annotate_dir, name))
     return paths
@@ -135,7 +135,7 @@ def _drawing_paths(settings: Settings, name: str) -> list[Path]:
 
 def _draw(image, result, path: Path, reporter: Reporter) -> bool:
     """Draw one result; a failure is reported, and the run goes on."""
-    from kosmos2_cli.draw import DrawError, save_annotated
+    from kosmos2_cli.cli.draw import DrawError, save_annotated
 
     try:
         save_annotated(image, result, path)

@@ -17,9 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kosmos2_cli.image_processing import Kosmos2ImageProcessor
-from kosmos2_cli.postprocess import Entity, clean_text_and_extract_entities_with_bboxes, coordinate_to_patch_index
-from kosmos2_cli.tokenizer import NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, pad_batch, to_tensor
+from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
+from kosmos2_cli.processing.postprocess import (
+    Entity,
+    clean_text_and_extract_entities_with_bboxes,
+    coordinate_to_patch_index,
+)
+from kosmos2_cli.processing.tokenizer import NUM_PATCH_INDEX_TOKENS, Kosmos2Tokenizer, pad_batch, to_tensor
 
 BOI_TOKEN, EOI_TOKEN = "<image>", "</image>"
 BOP_TOKEN, EOP_TOKEN = "<phrase>", "</phrase>"
@@ -82,7 +86,7 @@ class Kosmos2Processor:
         """From a model folder (`sentencepiece.bpe.model`, optional `preprocessor_config.json`) or a hub repo id."""
         folder = Path(name_or_path)
         if not folder.is_dir():
-            from kosmos2_cli.hub import resolve_model_dir
+            from kosmos2_cli.model.hub import resolve_model_dir
 
             folder = Path(resolve_model_dir(str(name_or_path), revision=revision))
         return cls(Kosmos2ImageProcessor.from_pretrained(folder), Kosmos2Tokenizer.from_pretrained(folder))

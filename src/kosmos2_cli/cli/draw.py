@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from kosmos2_cli import palette
-from kosmos2_cli.results import Result
+from kosmos2_cli.api.results import Result
+from kosmos2_cli.cli import palette
 
 WRITABLE = {".png": [cv2.IMWRITE_PNG_COMPRESSION, 3], ".jpg": [cv2.IMWRITE_JPEG_QUALITY, 95],
             ".jpeg": [cv2.IMWRITE_JPEG_QUALITY, 95], ".webp": [cv2.IMWRITE_WEBP_QUALITY, 95], ".bmp": [],
@@ -50,7 +50,7 @@ def annotated_path(folder: str | os.PathLike[str], name: str) -> Path:
 
 def annotate(image: Image.Image, result: Result) -> np.ndarray:
     """The image as RGB uint8 (H, W, 3) with the result's boxes and labels drawn on it."""
-    from kosmos2_cli.image_processing import to_rgb
+    from kosmos2_cli.processing.image_processing import to_rgb
 
     canvas = cv2.cvtColor(np.asarray(to_rgb(image)), cv2.COLOR_RGB2BGR).copy()
     style = _Style.for_size(*canvas.shape[1::-1])

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kosmos2_cli import prompts
-from kosmos2_cli.prompts import PromptError
-from kosmos2_cli.results import Entity, Failure, Result
+from kosmos2_cli.api import prompts
+from kosmos2_cli.api.prompts import PromptError
+from kosmos2_cli.api.results import Entity, Failure, Result
 
 if TYPE_CHECKING:
-    from kosmos2_cli.pipeline import Job
+    from kosmos2_cli.api.pipeline import Job
 
 GROUND_SEPARATOR = "; "  # between the phrases of a ground record's `text`
 
@@ -90,7 +90,7 @@ class TaskSpec:
 
     def jobs(self, image_index: int) -> list[Job]:
         """The pipeline jobs for one image of a batch."""
-        from kosmos2_cli.pipeline import Job
+        from kosmos2_cli.api.pipeline import Job
 
         if self.task == "ground":
             return [Job(image_index, "ground", p, {"phrase": ph}) for p, ph in zip(self.prompt_texts, self.phrases,

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from kosmos2_cli import prompts
-from kosmos2_cli.hub import DEFAULT_MODEL
-from kosmos2_cli.results import Entity, Result, to_pixels
+from kosmos2_cli.api import prompts
+from kosmos2_cli.api.results import Entity, Result, to_pixels
+from kosmos2_cli.model.hub import DEFAULT_MODEL
 
 ImageInput = str | Path | Image.Image
 
@@ -95,9 +95,9 @@ class Kosmos2:
         dtype: str | torch.dtype | None = "auto",
         options: GenerationOptions | None = None,
     ) -> Kosmos2:
-        from kosmos2_cli.hub import resolve_model_dir
-        from kosmos2_cli.model import Kosmos2ForConditionalGeneration
-        from kosmos2_cli.processor import Kosmos2Processor
+        from kosmos2_cli.model.hub import resolve_model_dir
+        from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
+        from kosmos2_cli.processing.processor import Kosmos2Processor
 
         folder = resolve_model_dir(name_or_path, revision=revision)
         model = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype=dtype)
@@ -145,7 +145,7 @@ class Kosmos2:
     def _load(item: ImageInput) -> tuple[str, Image.Image]:
         if isinstance(item, Image.Image):
             return getattr(item, "filename", "") or "<image>", item
-        from kosmos2_cli.images import load_image
+        from kosmos2_cli.processing.images import load_image
 
         return str(item), load_image(item)
 
@@ -201,9 +201,9 @@ class Kosmos2:
         Greedy or sampling (one beam), and one kind of job (ground's stop at `</object>` applies to every row).
         `calm`: see `continuous.stream`.
         """
-        from kosmos2_cli.continuous import Prompt
-        from kosmos2_cli.continuous import stream as continuous_stream
-        from kosmos2_cli.generate import Sampling
+        from kosmos2_cli.generation.continuous import Prompt
+        from kosmos2_cli.generation.continuous import stream as continuous_stream
+        from kosmos2_cli.generation.generate import Sampling
 
         opts = GenerationOptions(**{**self.options.__dict__, **options})
         if opts.num_beams != 1 or len({job.task == "ground" for job in jobs}) != 1:
@@ -264,7 +264,7 @@ class Kosmos2:
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image embeddings for the decoder from `preprocess`'s pixel values, one row per image."""
-        from kosmos2_cli.generate import encode_images
+        from kosmos2_cli.generation.generate import encode_images
 
         return encode_images(self.model, pixel_values.to(self.model.device, non_blocking=pixel_values.is_pinned()))
 
@@ -320,7 +320,7 @@ class Kosmos2:
         return Result(name, width, height, job.task, job.prompt, text[start:], entities, raw, dict(job.extra))
 
     def _ground_result(self, job: Job, name: str, image: Image.Image, raw: str) -> Result:
-        from kosmos2_cli.postprocess import patch_index_to_coordinate
+        from kosmos2_cli.processing.postprocess import patch_index_to_coordinate
 
         phrase = job.extra["phrase"]
         after = raw.split("</phrase>", 1)[-1]  # what the model wrote after the phrase

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kosmos2_cli.safetensors_mmap import MappedSafetensors
+from kosmos2_cli.model.safetensors_mmap import MappedSafetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -81,7 +81,7 @@ class _Expected:
     def __init__(self, model: nn.Module, folder: Path) -> None:
         self.folder = folder
         self.shapes = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-        # Modules that quantize their own weight (kosmos2_cli.quant) hold no float `weight`; they name its shape.
+        # Modules that quantize their own weight (kosmos2_cli.model.quant) hold no float `weight`; they name its shape.
         self.shapes.update({f"{name}.weight": tuple(module.weight_shape) for name, module in model.named_modules()
                             if hasattr(module, "take_weight")})
         self.tied = getattr(model.config.text_config, "tie_word_embeddings", True)
@@ -160,7 +160,7 @@ def _load_mapped(model: nn.Module, files: list[Path], expected: _Expected, devic
 def _load_streamed(model: nn.Module, files: list[Path], expected: _Expected, device: torch.device,
                    dtype: torch.dtype) -> None:
     """Every tensor's bytes read in parallel into pinned memory, copied to the GPU and converted there."""
-    from kosmos2_cli.staging import Span, stream_spans
+    from kosmos2_cli.model.staging import Span, stream_spans
 
     spans, kinds = [], {}
     for path in files:
@@ -181,7 +181,7 @@ def _load_streamed(model: nn.Module, files: list[Path], expected: _Expected, dev
 
 def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
     """The buffers no checkpoint holds (the sinusoidal positions), made on `device` for a model built on meta."""
-    from kosmos2_cli.model import sinusoidal_table
+    from kosmos2_cli.model.kosmos2 import sinusoidal_table
 
     text = model.text_model.model
     config = text.config

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from kosmos2_cli import __version__
-from kosmos2_cli.errors import ExitCode
+from kosmos2_cli.cli.errors import ExitCode
 
 
 def gather_info(model: str, revision: str | None = None) -> dict[str, Any]:
@@ -17,8 +17,8 @@ def gather_info(model: str, revision: str | None = None) -> dict[str, Any]:
     import huggingface_hub
     import torch
 
-    from kosmos2_cli.devices import resolve_device, resolve_dtype
-    from kosmos2_cli.hub import cached_model_dir, offline_mode
+    from kosmos2_cli.model.devices import resolve_device, resolve_dtype
+    from kosmos2_cli.model.hub import cached_model_dir, offline_mode
 
     device = resolve_device("auto")
     cuda = torch.cuda.is_available()
@@ -92,13 +92,13 @@ def download_model(model: str, revision: str | None = None, quiet: bool = False)
     from rich.console import Console
     from rich.text import Text
 
-    from kosmos2_cli.hub import ModelNotFoundError, cached_model_dir, resolve_model_dir
+    from kosmos2_cli.model.hub import ModelNotFoundError, cached_model_dir, resolve_model_dir
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False, soft_wrap=True)
     local = Path(model).expanduser()
     if local.is_dir():
-        from kosmos2_cli.engine import ModelLoadError, check_model_folder
+        from kosmos2_cli.runtime.engine import ModelLoadError, check_model_folder
 
         try:
             check_model_folder(local)

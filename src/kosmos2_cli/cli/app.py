@@ -24,9 +24,9 @@ except ImportError:  # pragma: no cover - older Typer on click
         """Absent before click 8.2."""
 
 from kosmos2_cli import __version__
-from kosmos2_cli.errors import CliError, ExitCode
-from kosmos2_cli.hub import DEFAULT_MODEL
-from kosmos2_cli.options import Settings, with_options
+from kosmos2_cli.cli.errors import CliError, ExitCode
+from kosmos2_cli.cli.options import Settings, with_options
+from kosmos2_cli.model.hub import DEFAULT_MODEL
 
 
 class _Group(TyperGroup):
@@ -123,7 +123,7 @@ def caption(
 
     Example: kosmos2 caption photo.jpg --draw photo.boxes.png
     """
-    from kosmos2_cli.tasks import TaskSpec
+    from kosmos2_cli.api.tasks import TaskSpec
 
     _run(TaskSpec.build("caption", detailed=detailed), images, settings)
 
@@ -142,7 +142,7 @@ def ground(
 
     Example: kosmos2 ground street.jpg -p "a bus" -p "a traffic light"
     """
-    from kosmos2_cli.tasks import TaskSpec
+    from kosmos2_cli.api.tasks import TaskSpec
 
     _run(_spec(TaskSpec.build, "ground", phrases=phrase), images, settings)
 
@@ -162,7 +162,7 @@ def refer(
 
     Example: kosmos2 refer photo.jpg --box 40,60,300,420
     """
-    from kosmos2_cli.tasks import TaskSpec
+    from kosmos2_cli.api.tasks import TaskSpec
 
     _run(_spec(TaskSpec.build, "refer", box=box, normalized=normalized), images, settings)
 
@@ -180,7 +180,7 @@ def ask(
 
     Example: kosmos2 ask photo.jpg "What is the man holding?"
     """
-    from kosmos2_cli.tasks import TaskSpec
+    from kosmos2_cli.api.tasks import TaskSpec
 
     images = list(arguments)
     if question is None:
@@ -238,8 +238,8 @@ def batch(
 
     Example: kosmos2 batch photos/ -o captions.jsonl          (--task caption is the default)
     """
-    from kosmos2_cli.batch import run_batch
-    from kosmos2_cli.tasks import TaskSpec
+    from kosmos2_cli.api.tasks import TaskSpec
+    from kosmos2_cli.cli.batch import run_batch
 
     name = task.value
     unused = [flag for flag, value, owner in (("--detailed", detailed, "caption"), ("--phrase", phrase, "ground"),
@@ -268,7 +268,7 @@ def download(
 
     Honours HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN.
     """
-    from kosmos2_cli.system import download_model
+    from kosmos2_cli.cli.system import download_model
 
     raise typer.Exit(download_model(model, revision, quiet=quiet))
 
@@ -281,13 +281,13 @@ def info(
     json_output: Annotated[bool, typer.Option("--json", help="As one JSON object.")] = False,
 ) -> None:
     """Show versions, the device and dtype 'auto' picks, CUDA, and whether the model is cached. Never downloads."""
-    from kosmos2_cli.system import show_info
+    from kosmos2_cli.cli.system import show_info
 
     show_info(model, revision, json_output)
 
 
 def _spec(build, task: str, **args):
-    from kosmos2_cli.prompts import PromptError
+    from kosmos2_cli.api.prompts import PromptError
 
     try:
         return build(task, **args)
@@ -296,7 +296,7 @@ def _spec(build, task: str, **args):
 
 
 def _run(spec, images: list[str], settings: Settings) -> None:
-    from kosmos2_cli.run import run_task
+    from kosmos2_cli.cli.run import run_task
 
     with _interruptible():
         code = run_task(spec, images, settings)
