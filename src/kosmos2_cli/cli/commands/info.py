@@ -1,15 +1,16 @@
-"""`kosmos2 info` and `kosmos2 download`: the installation, the device, and the model in the hub cache."""
-
-from __future__ import annotations
+"""`kosmos2 info`: the installation, the device and dtype `auto` picks, and the model in the hub cache."""
 
 import json
 import platform
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from kosmos2_cli import __version__
-from kosmos2_cli.cli.errors import ExitCode
+from kosmos2_cli.cli.commands.download import folder_size, hub_cache, human_size
+from kosmos2_cli.model.hub import DEFAULT_MODEL
 
 
 def gather_info(model: str, revision: str | None = None) -> dict[str, Any]:
@@ -45,9 +46,9 @@ def gather_info(model: str, revision: str | None = None) -> dict[str, Any]:
             "local_folder": local.is_dir(),
             "cached": folder is not None,
             "path": str(folder) if folder else None,
-            "size_bytes": _size(folder) if folder else None,
+            "size_bytes": folder_size(folder) if folder else None,
         },
-        "hub_cache": _hub_cache(),
+        "hub_cache": hub_cache(),
         "offline": offline_mode(),
     }
 
@@ -79,7 +80,7 @@ def show_info(model: str, revision: str | None, as_json: bool) -> None:
     entry = info["model"]
     if entry["cached"]:
         where = "local folder" if entry["local_folder"] else "cached"
-        state = Text.assemble((where, "green"), f": {entry['path']} ({_human(entry['size_bytes'])})")
+        state = Text.assemble((where, "green"), f": {entry['path']} ({human_size(entry['size_bytes'])})")
     else:
         state = Text.assemble(("not cached", "yellow"), " (run 'kosmos2 download' where the network is available)")
     table.add_row("model", Text.assemble(f"{entry['name']} ", state))
@@ -87,60 +88,13 @@ def show_info(model: str, revision: str | None, as_json: bool) -> None:
     Console(highlight=False).print(table)
 
 
-def download_model(model: str, revision: str | None = None, quiet: bool = False) -> ExitCode:
-    """Fetch the model's files into the hub cache, with progress bars; say where they are."""
-    from rich.console import Console
-    from rich.text import Text
-
-    from kosmos2_cli.model.hub import ModelNotFoundError, cached_model_dir, resolve_model_dir
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    out = Console(highlight=False, soft_wrap=True)
-    local = Path(model).expanduser()
-    if local.is_dir():
-        from kosmos2_cli.runtime.engine import ModelLoadError, check_model_folder
-
-        try:
-            check_model_folder(local)
-        except ModelLoadError as problem:
-            err.print(Text.assemble(("error", "bold red"), f": {problem}"))
-            return ExitCode.MODEL
-        out.print(f"{model} is a local model folder; nothing to download")
-        return ExitCode.OK
-    cached = cached_model_dir(model, revision)
-    if not quiet and cached is None:
-        err.print(Text(f"downloading {model} into {_hub_cache()} (only the files kosmos2 reads)", style="dim"))
-    if quiet:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
-    try:
-        folder = resolve_model_dir(model, revision)
-    except ModelNotFoundError as problem:
-        err.print(Text.assemble(("error", "bold red"), f": {problem}"))
-        return ExitCode.MODEL
-    state = "already in the cache" if cached is not None and Path(cached) == Path(folder) else "downloaded"
-    out.print(Text.assemble((f"{model}", "bold"), f" {state}: {folder} ({_human(_size(folder))})"))
-    return ExitCode.OK
 
 
-def _hub_cache() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def _size(folder: Path) -> int:
-    # Cached snapshots are symlinks into blobs/: count what they point at.
-    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
-
-
-def _human(size: int | None) -> str:
-    if size is None:
-        return "?"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} GB"
+def info(
+    model: Annotated[str, typer.Option("--model", "-m", metavar="REPO|DIR", envvar="KOSMOS2_MODEL",
+                                       help="The model to look for.")] = DEFAULT_MODEL,
+    revision: Annotated[str | None, typer.Option("--revision", metavar="REV")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="As one JSON object.")] = False,
+) -> None:
+    """Show versions, the device and dtype 'auto' picks, CUDA, and whether the model is cached. Never downloads."""
+    show_info(model, revision, json_output)

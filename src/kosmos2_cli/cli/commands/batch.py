@@ -5,8 +5,6 @@ records are in the file (same path as given, task and task arguments), so an int
 running it again; an image's error record counts as done unless --retry-failed.
 """
 
-from __future__ import annotations
-
 import json
 import signal
 import sys
@@ -15,13 +13,74 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from kosmos2_cli.api.results import Failure
 from kosmos2_cli.api.tasks import TaskSpec, record_key, spec_key
+from kosmos2_cli.cli.common import exit_with, task_spec
 from kosmos2_cli.cli.errors import CliError, ExitCode
-from kosmos2_cli.cli.options import Settings
+from kosmos2_cli.cli.options import Settings, with_options
 from kosmos2_cli.cli.render import Reporter
+
+
+class Task(str, Enum):
+    caption = "caption"
+    ground = "ground"
+    refer = "refer"
+    ask = "ask"
+
+
+PANEL = "Task"
+
+
+@with_options(exclude=("draw",))
+def batch(
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", show_default=False,
+                                                help="Image files, folders (searched recursively) or globs.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT.jsonl", dir_okay=False, show_default=False,
+                                         help="The JSON-lines file: created, or completed when it exists.")],
+    task: Annotated[Task, typer.Option("--task", "-t", rich_help_panel=PANEL,
+                                       help="What to do with each image.")] = Task.caption,
+    detailed: Annotated[bool, typer.Option("--detailed", "-d", rich_help_panel=PANEL,
+                                           help="caption: detailed descriptions.")] = False,
+    phrase: Annotated[list[str], typer.Option("--phrase", "-p", metavar="TEXT", rich_help_panel=PANEL,
+                                              show_default=False, help="ground: a phrase to find; repeat for "
+                                                                       "several.")] = [],  # noqa: B006
+    box: Annotated[str | None, typer.Option("--box", metavar="X1,Y1,X2,Y2", rich_help_panel=PANEL,
+                                            help="refer: the region (pixels, or 0..1 with --normalized).")] = None,
+    normalized: Annotated[bool, typer.Option("--normalized", rich_help_panel=PANEL,
+                                             help="refer: --box is in 0..1.")] = False,
+    question: Annotated[str | None, typer.Option("--question", metavar="TEXT", rich_help_panel=PANEL,
+                                                 help="ask: the question.")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Retry the images whose earlier records "
+                                                                      "are errors (their records are "
+                                                                      "replaced).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUT.jsonl afresh instead of resuming "
+                                                                "it.")] = False,
+    settings: Settings = None,
+) -> None:
+    """Run one task over many images into a JSON-lines file, one line per image.
+
+    Each line is written whole as soon as its image is done; run the same command again after an interruption
+    and it resumes, skipping the images already in the file. Images that cannot be read get an error record
+    and the run goes on; the exit status is then 1. With --json, a summary object is printed on stdout.
+
+    Example: kosmos2 batch photos/ -o captions.jsonl          (--task caption is the default)
+    """
+    name = task.value
+    unused = [flag for flag, value, owner in (("--detailed", detailed, "caption"), ("--phrase", phrase, "ground"),
+                                              ("--box", box, "refer"), ("--normalized", normalized, "refer"),
+                                              ("--question", question, "ask")) if value and owner != name]
+    if unused:
+        raise CliError(f"{', '.join(unused)} do(es) not apply to --task {name}")
+    spec = task_spec(name, detailed=detailed, phrases=phrase, box=box, normalized=normalized, question=question)
+    if retry_failed and overwrite:
+        raise CliError("--retry-failed and --overwrite do not go together")
+    exit_with(lambda: run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed))
 
 
 class Terminated(KeyboardInterrupt):
@@ -48,7 +107,7 @@ class Summary:
 def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, *, overwrite: bool = False,
               retry_failed: bool = False) -> ExitCode:
     """Run `spec` over every image of `inputs`, appending one record per image to `output`."""
-    from kosmos2_cli.cli.run import expand
+    from kosmos2_cli.cli.session import expand
     from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
 
     reporter = Reporter(json_mode=False, quiet=settings.quiet)
@@ -80,7 +139,7 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
 
 def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, reporter: Reporter,
              summary: Summary) -> None:
-    from kosmos2_cli.cli.run import open_engine
+    from kosmos2_cli.cli.session import open_engine
     from kosmos2_cli.runtime.engine import ModelLoadError
     from kosmos2_cli.runtime.runner import Runner, use_processes
 

@@ -1,8 +1,4 @@
-"""`kosmos2 caption|ground|refer|ask`: one task over the given images, results on the terminal (or JSON lines).
-
-Also what every task command shares: choosing the device, finding the model, building the engine, each with
-its own one-line error and exit code.
-"""
+"""`kosmos2 caption|ground|refer|ask`: one task over the given images, results on the terminal (or JSON lines)."""
 
 from __future__ import annotations
 
@@ -14,64 +10,7 @@ from kosmos2_cli.api.tasks import TaskSpec
 from kosmos2_cli.cli.errors import CliError, ExitCode
 from kosmos2_cli.cli.options import Settings
 from kosmos2_cli.cli.render import Reporter
-
-
-def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
-    """The images named by INPUTS (usage error when one names nothing), less those under `exclude`."""
-    from kosmos2_cli.runtime.inputs import InputError, expand_inputs
-
-    try:
-        names = expand_inputs(inputs)
-    except InputError as err:
-        raise CliError(str(err)) from err
-    if exclude is not None:
-        root = exclude.resolve()
-        names = [n for n in names if not Path(n).resolve().is_relative_to(root)]
-        if not names:
-            raise CliError(f"no images left: every input is inside the --annotate-dir {exclude}")
-    return names
-
-
-def open_engine(settings: Settings, reporter: Reporter):
-    """The engine for the settings: device and dtype checked, model found (downloaded once), tokenizer loaded."""
-    from kosmos2_cli.fast import early
-
-    early.start_cuda(settings.device)  # the GPU's driver starts while torch is imported
-    from kosmos2_cli.model.devices import resolve_device, resolve_dtype
-    from kosmos2_cli.runtime.engine import ModelLoadError, PipelineEngine
-
-    try:
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-    except ValueError as err:
-        raise CliError(str(err)) from err
-    folder = find_model(settings.model, settings.revision, reporter)
-    try:
-        return PipelineEngine(folder, device, dtype, settings.generation_options())
-    except ModelLoadError as err:
-        raise CliError(str(err), ExitCode.MODEL) from err
-
-
-def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
-    """A local folder holding the model: `model` itself, its cached snapshot, or a fresh download into the cache."""
-    from kosmos2_cli.model.hub import ModelNotFoundError, cached_model_dir, offline_mode, resolve_model_dir
-
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local
-    try:
-        cached = cached_model_dir(model, revision)
-        if cached is not None:
-            return cached
-        if not local.exists() and not offline_mode():  # offline, the error below says what to do instead
-            reporter.note(f"downloading {model} into the Hugging Face cache (once; later runs use the cache)")
-        if reporter.quiet:
-            from huggingface_hub.utils import disable_progress_bars
-
-            disable_progress_bars()
-        return resolve_model_dir(model, revision)
-    except ModelNotFoundError as err:
-        raise CliError(str(err), ExitCode.MODEL) from err
+from kosmos2_cli.cli.session import expand, open_engine
 
 
 def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitCode:
