@@ -29,7 +29,7 @@ def full_size_checkpoint(folder: Path, seed: int = 0) -> Path:
 
         Reference(RefConfig()).save_pretrained(str(folder))  # the reference's own initialisation
     except ImportError:
-        from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
+        from kosmos2_cli import Kosmos2ForConditionalGeneration
 
         model = Kosmos2ForConditionalGeneration(Kosmos2Config())
         for p in model.parameters():

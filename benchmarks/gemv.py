@@ -108,7 +108,7 @@ def model_check(results: dict, folder: Path) -> None:
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
     from kosmos2_cli.generation.generate import Decoder
-    from kosmos2_cli.model.kosmos2 import DecoderLayer
+    from kosmos2_cli.model.text import DecoderLayer
 
     processor = Kosmos2Processor.from_pretrained(folder)
     inputs = processor(text="<grounding> An image of", images=synthetic_image(), return_tensors="pt").to("cuda")

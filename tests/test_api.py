@@ -14,7 +14,7 @@ from PIL import Image
 from processor_helpers import our_processor
 
 from kosmos2_cli import Kosmos2Config, Kosmos2ForConditionalGeneration, Kosmos2Model
-from kosmos2_cli.model.kosmos2 import Kosmos2VisionOutput
+from kosmos2_cli.model.outputs import Kosmos2VisionOutput
 
 QUERIES = 8
 # Dropout everywhere the reference has it, so that training mode is tested too (eval outputs ignore it).

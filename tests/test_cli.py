@@ -458,8 +458,8 @@ def _timed(function, *args) -> float:
 
 
 def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model, pics, monkeypatch):
+    from kosmos2_cli import Kosmos2ForConditionalGeneration
     from kosmos2_cli.generation import generate as generation
-    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 
     encoded, calls = [], []
     encode, generate = generation.encode_images, Kosmos2ForConditionalGeneration.generate
@@ -520,7 +520,7 @@ def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_ever
 def test_weights_that_do_not_fit_are_a_model_error_not_a_batch_to_split(model, pics, monkeypatch):
     import torch
 
-    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
+    from kosmos2_cli import Kosmos2ForConditionalGeneration
 
     def no_room(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")

@@ -110,7 +110,7 @@ def test_released_style_config_round_trips(tmp_path):
 
 
 def test_cross_attention_is_refused():
-    from kosmos2_cli.model.kosmos2 import TextTransformer
+    from kosmos2_cli.model.text import TextTransformer
 
     config = Kosmos2TextConfig(layers=1, embed_dim=8, attention_heads=2, ffn_dim=8, vocab_size=10,
                                add_cross_attention=True)

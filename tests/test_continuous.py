@@ -23,7 +23,7 @@ DEVICES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.i
 
 @pytest.fixture(scope="module", params=DEVICES, ids=lambda d: d[0])
 def ours(request, trained_dir):
-    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
+    from kosmos2_cli import Kosmos2ForConditionalGeneration
 
     device, dtype = request.param
     model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype)

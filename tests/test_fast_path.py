@@ -11,6 +11,7 @@ import torch
 
 import kosmos2_cli.generation.generate as generation
 from kosmos2_cli import Kosmos2ForConditionalGeneration
+from kosmos2_cli.fast.modules import FastAttention, FastDecoderLayer, FastVisionEmbeddings, patches_as_product
 
 trained = pytest.importorskip("trained")
 
@@ -20,12 +21,12 @@ DEVICES = [("cpu", torch.float32)] + ([("cuda", torch.bfloat16)] if torch.cuda.i
 @pytest.fixture(scope="module", params=DEVICES, ids=lambda d: f"{d[0]}-{str(d[1]).split('.')[-1]}")
 def models(request, trained_dir):
     device, dtype = request.param
-    plain = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype)
+    plain = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype, fast=False)
     fast = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, device=device, dtype=dtype)
-    fast.fuse_for_inference()
     # On CUDA every layer decodes one row through the fused one-row kernels; on the CPU none does.
-    assert [layer.one_row for layer in fast.text_model.model.layers] == [device == "cuda"] * len(
-        fast.text_model.model.layers)
+    assert [isinstance(layer, FastDecoderLayer) and layer.one_row for layer in fast.text_model.model.layers] == [
+        device == "cuda"] * len(fast.text_model.model.layers)
+    assert not any(isinstance(module, FastAttention) for module in plain.modules())
     return plain, fast
 
 
@@ -53,11 +54,11 @@ def _answers(model, lessons):
 @torch.no_grad()
 def test_fast_path_answers_every_lesson_like_the_eager_path(models, fixed_shape):
     plain, fast = models
-    fast.__dict__.pop("_decoders", None)
+    fast.workspace.clear()
     want = [trained.expected(lesson).ids for lesson in trained.LESSONS]
     assert _answers(plain, trained.LESSONS) == want
     assert _answers(fast, trained.LESSONS) == want
-    decoders = fast.__dict__.get("_decoders", {})
+    decoders = fast.workspace.decoders
     assert decoders and all(d.static for d in decoders.values())
 
 
@@ -81,7 +82,7 @@ def test_fast_path_batches_lessons_of_different_lengths(models, fixed_shape, tra
     # The last step was taken for the longest answers only: the others were flagged done (on CUDA their
     # attention was skipped, and the answers above are still every lesson's).
     lengths = [len(trained.expected(lesson).answer_ids) for lesson in lessons]
-    (decoder,) = [d for (rows, *_), d in fast.__dict__["_decoders"].items() if rows == len(lessons)]
+    (decoder,) = [d for (rows, *_), d in fast.workspace.decoders.items() if rows == len(lessons)]
     flags = decoder.cache.done.tolist()
     assert 0 < sum(n < max(lengths) for n in lengths) < len(lessons)
     assert all(flag for flag, n in zip(flags, lengths, strict=True) if n < max(lengths))
@@ -103,41 +104,41 @@ def test_image_encoder_graphs_give_the_eager_embeddings_at_large_batches(models)
         want = fast.get_image_features(pixels.to(fast.dtype))
         got = generation.encode_images(fast, pixels).clone()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
-    graphs = fast.__dict__["_vision_graph"].graphs  # by the input's (shape, dtype); None: the capture failed
+    graphs = fast.workspace.vision_graph.graphs  # by the input's (shape, dtype); None: the capture failed
     assert graphs.get(((torch.Size([rows, 3, 224, 224]), fast.dtype),)) is not None, list(graphs)
 
 
 def test_patch_embedding_as_a_product_equals_the_convolution(trained_dir):
     """On CUDA the fast path embeds patches with one matrix product over the unfolded image (no cuDNN); the same
     sums as the strided convolution, for the trained size and for an interpolated one (leftover pixels dropped)."""
-    model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir)
+    model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir, fast=False)
     embeddings = model.vision_model.model.embeddings
     torch.manual_seed(0)
     for shape in ((2, 3, 224, 224), (1, 3, 238, 253)):
         pixels = torch.randn(shape)
         want = embeddings.patch_embedding(pixels).flatten(2).transpose(1, 2)
-        got = embeddings._patch_product(pixels)
+        got = patches_as_product(embeddings, pixels)
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     model.fuse_for_inference()
-    assert embeddings.patch_product  # used where the pixels are on CUDA
+    assert isinstance(embeddings, FastVisionEmbeddings)  # which takes the product where the pixels are on CUDA
 
 
 @torch.no_grad()
 def test_small_batches_on_cuda_attend_with_flash_attention(models, monkeypatch):
     """Batch-1 attention without a padding mask calls FlashAttention directly on CUDA (no cuDNN plans to build
     at start-up); on the CPU it never does. The answers stay the lessons'."""
-    import kosmos2_cli.model.kosmos2 as model_module
+    import kosmos2_cli.model.layers as layers
 
     plain, fast = models
     picked = []
-    original = model_module._flash_fits
+    original = layers._flash_fits
 
     def spy(*args):
         picked.append(original(*args))
         return picked[-1]
 
-    monkeypatch.setattr(model_module, "_flash_fits", spy)
+    monkeypatch.setattr(layers, "_flash_fits", spy)
     lesson = trained.LESSONS[0]
     inputs = {k: v.to(fast.device) for k, v in trained.prompt_inputs(lesson).items()}
     fast(**inputs)  # a plain forward pass (generate may replay captured graphs, which call no Python)
@@ -150,11 +151,12 @@ def test_carried_residual_adds_give_the_layers_numbers(models, monkeypatch):
     """After fuse_for_inference each layer leaves its last residual add to the LayerNorm of the next (one Triton
     pass on CUDA). The image embeddings and logits are those of the same model with the adds done apart: bit for
     bit on the CPU (the same operations), within bf16 rounding on CUDA, with the same next token."""
-    import kosmos2_cli.model.kosmos2 as model_module
+    from kosmos2_cli.model.text import DecoderLayer
+    from kosmos2_cli.model.vision import VisionLayer
 
     _, fast = models
     calls = []
-    for cls in (model_module.VisionLayer, model_module.DecoderLayer):
+    for cls in (VisionLayer, DecoderLayer):
         original = cls.carried
 
         def spy(self, *args, original=original):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kosmos2_cli.model.kosmos2 as model_module
+import kosmos2_cli.model.text as text_module
 from kosmos2_cli import Kosmos2ForConditionalGeneration
 from kosmos2_cli.generation.generate import image_block
 
@@ -58,16 +59,16 @@ def test_generate_never_reads_positions_back(model, monkeypatch, trained_dir):
     from kosmos2_cli import Kosmos2Processor
 
     seen = []
-    original = model_module.TextTransformer.position_embeddings
+    original = text_module.TextTransformer.position_embeddings
 
     def spy(self, position_ids, dtype, check=True, bound=None):
         seen.append((bound, int(position_ids.max())))
         return original(self, position_ids, dtype, check, bound)
 
-    monkeypatch.setattr(model_module.TextTransformer, "position_embeddings", spy)
+    monkeypatch.setattr(text_module.TextTransformer, "position_embeddings", spy)
     placed = []  # the block start each placement was given (None: the general placement, from the mask)
-    general = model_module.place_image
-    monkeypatch.setattr(model_module, "place_image", lambda *a, **k: placed.append(k.get("start")) or general(*a,
+    general = text_module.place_image
+    monkeypatch.setattr(text_module, "place_image", lambda *a, **k: placed.append(k.get("start")) or general(*a,
                                                                                                             **k))
     lessons = [lesson for lesson in trained.LESSONS if lesson.task in ("ground", "ask")][:6]
     processor = Kosmos2Processor.from_pretrained(trained_dir)

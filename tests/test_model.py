@@ -177,8 +177,10 @@ def test_half_precision_matches_reference_and_stays_close(dtype, tmp_path, share
 def test_fixed_shape_decoding_and_fused_projections_change_nothing(pair, monkeypatch):
     """What the CUDA graph replays (attention over the whole fixed-size cache) and fused q/k/v, run on CPU."""
     import kosmos2_cli.generation.generate as generation
+    from kosmos2_cli.fast.modules import FastAttention
 
     _, ours, queries = pair
+    ours.unfuse()  # from_pretrained puts it on the fast path: start from the plain modules
     batch = inputs("<grounding> An image of", "snowman.png", queries)
     plain = ours.generate(**batch, max_new_tokens=24)
     plain_beams = ours.generate(**batch, max_new_tokens=10, num_beams=3)
@@ -189,15 +191,16 @@ def test_fixed_shape_decoding_and_fused_projections_change_nothing(pair, monkeyp
         self.static = True
 
     monkeypatch.setattr(generation.Decoder, "__init__", fixed_shape)
-    ours.__dict__.pop("_decoders", None)
+    ours.workspace.clear()
     assert torch.equal(ours.generate(**batch, max_new_tokens=24), plain)
     assert torch.equal(ours.generate(**batch, max_new_tokens=10, num_beams=3), plain_beams)
-    decoder = next(iter(ours._decoders.values()))
+    decoder = next(iter(ours.workspace.decoders.values()))
     assert decoder.cache.static
     monkeypatch.undo()
-    ours.__dict__.pop("_decoders", None)
+    ours.workspace.clear()
     logits = ours(**batch).logits
     ours.fuse_for_inference()
-    assert ours.text_model.model.layers[0].self_attn.qkv is not None
+    attention = ours.text_model.model.layers[0].self_attn
+    assert isinstance(attention, FastAttention) and attention.fused is not None
     assert torch.allclose(ours(**batch).logits, logits, atol=1e-4, rtol=1e-5)
     assert torch.equal(ours.generate(**batch, max_new_tokens=24), plain)

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
+from kosmos2_cli import Kosmos2ForConditionalGeneration
 from kosmos2_cli.model import staging, weights
-from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 from kosmos2_cli.model.staging import Span, stream_pinned, stream_spans
 
 

@@ -15,7 +15,7 @@ _EXPORTS = {
     "Kosmos2TextConfig": "kosmos2_cli.model.config",
     "Kosmos2VisionConfig": "kosmos2_cli.model.config",
     "Kosmos2Model": "kosmos2_cli.model.kosmos2",
-    "Kosmos2ForConditionalGeneration": "kosmos2_cli.model.kosmos2",
+    "Kosmos2ForConditionalGeneration": "kosmos2_cli.api.models",
     "Kosmos2Processor": "kosmos2_cli.processing.processor",
     "Kosmos2Tokenizer": "kosmos2_cli.processing.tokenizer",
     "Kosmos2ImageProcessor": "kosmos2_cli.processing.image_processing",
@@ -25,9 +25,10 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:
+    from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
     from kosmos2_cli.api.pipeline import Kosmos2
     from kosmos2_cli.model.config import Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig
-    from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration, Kosmos2Model
+    from kosmos2_cli.model.kosmos2 import Kosmos2Model
     from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
     from kosmos2_cli.processing.processor import Kosmos2Processor
     from kosmos2_cli.processing.tokenizer import Kosmos2Tokenizer

@@ -79,8 +79,6 @@ class Kosmos2:
     """A loaded model and processor, with one method per task of the model card."""
 
     def __init__(self, model, processor, options: GenerationOptions | None = None) -> None:
-        if hasattr(model, "fuse_for_inference"):
-            model.fuse_for_inference()  # the pipeline only infers: fused projections, CUDA kernels
         self.model = model
         self.processor = processor
         self.options = options or GenerationOptions()
@@ -95,8 +93,8 @@ class Kosmos2:
         dtype: str | torch.dtype | None = "auto",
         options: GenerationOptions | None = None,
     ) -> Kosmos2:
+        from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
         from kosmos2_cli.model.hub import resolve_model_dir
-        from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
         from kosmos2_cli.processing.processor import Kosmos2Processor
 
         folder = resolve_model_dir(name_or_path, revision=revision)

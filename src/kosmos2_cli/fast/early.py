@@ -70,7 +70,7 @@ def _open_context(index: int) -> None:
 def _import_kernels(device: torch.device, dtype: torch.dtype) -> None:
     try:
         import kosmos2_cli.fast.kernels  # noqa: F401
-    except Exception:  # noqa: BLE001 - fuse_for_inference imports it again and decides
+    except Exception:  # noqa: BLE001 - the fast path imports it again and decides
         pass
     try:
         import torch

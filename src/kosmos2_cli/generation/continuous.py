@@ -141,9 +141,10 @@ class _Rows:
             ids, mask, valid = left_align(valid, ids, mask, valid)
         scratch = self.scratch.head(len(prompts))
         scratch.reset()
-        hidden, _ = self.model._decode_hidden(ids.to(device), valid.to(device), embeds, mask.to(device), scratch,
-                                              None, None, True, None, unpadded, image_start)
-        first = self.sampling.choose(self.model.logits(hidden[:, -1]))
+        logits = self.model.prefill(ids.to(device), scratch, attention_mask=valid.to(device), image_embeds=embeds,
+                                    image_embeds_position_mask=mask.to(device), unpadded=unpadded,
+                                    image_start=image_start)
+        first = self.sampling.choose(logits)
         index = torch.tensor(rows, device=device)
         self.cache.load_rows(index, scratch)
         self.tokens.index_fill_(0, index, self.pad)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kosmos2_cli.fast.graphs import Graphed
+from kosmos2_cli.fast.modules import FastAttention
 from kosmos2_cli.model.cache import KVCache
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -98,7 +99,7 @@ class Decoder:
         """The model's decoder for this shape (capacity rounded up so nearby lengths share one)."""
         capacity = -(-needed // WINDOW) * WINDOW
         graphs = device.type == "cuda"
-        decoders: dict = model.__dict__.setdefault("_decoders", {})
+        decoders = model.workspace.decoders
         key = (batch, capacity, device, model.cache_dtype, graphs)
         if key not in decoders:
             while len(decoders) >= 2:  # each holds a KV cache: keep the two most recent shapes
@@ -132,7 +133,8 @@ class Decoder:
             self.cache.done.copy_(done)
         self.filled = min(self.filled + 1, self.cache.capacity)
         # The Triton decode kernel reads each row's length on the device: one window (graph) serves all steps.
-        whole = getattr(self.model.text_model.model.layers[0].self_attn, "fast_decode", False)
+        attention = self.model.text_model.model.layers[0].self_attn
+        whole = isinstance(attention, FastAttention) and attention.decode_kernel
         self.cache.window = self.cache.capacity if whole else min(-(-self.filled // WINDOW) * WINDOW,
                                                                   self.cache.capacity)
         if self.graphs:
@@ -141,16 +143,12 @@ class Decoder:
 
     def _prefill_logits(self, ids: Tensor, valid: Tensor, image_embeds, image_mask) -> Tensor:
         self.cache.reset()
-        return self._logits(ids, valid, image_embeds, image_mask, self.unpadded, self.image_start)
+        return self.model.prefill(ids, self.cache, attention_mask=valid, image_embeds=image_embeds,
+                                  image_embeds_position_mask=image_mask, unpadded=self.unpadded,
+                                  image_start=self.image_start)
 
     def _step_logits(self, tokens: Tensor) -> Tensor:
-        return self._logits(tokens[:, None], None, None, None)
-
-    def _logits(self, ids: Tensor, valid: Tensor | None, image_embeds, image_mask, unpadded: bool = False,
-                image_start: int | None = None) -> Tensor:
-        hidden, _ = self.model._decode_hidden(ids, valid, image_embeds, image_mask, self.cache, None, None, True,
-                                              None, unpadded, image_start)
-        return self.model.logits(hidden[:, -1])  # in the model's dtype: greedy picks from it as from fp32
+        return self.model.decode(tokens, self.cache)  # in the model's dtype: greedy picks from it as from fp32
 
     def reorder(self, rows: Tensor) -> None:
         self.cache.reorder(rows)
@@ -160,11 +158,10 @@ def encode_images(model, pixel_values: Tensor, interpolate_pos_encoding: bool = 
     """Image embeddings; on CUDA a batch size seen before replays a graph (its output is overwritten by the next
     call)."""
     if pixel_values.is_cuda and pixel_values.shape[0] <= GRAPHED_ENCODER_BATCH and not interpolate_pos_encoding:
-        graphed = model.__dict__.get("_vision_graph")
-        if graphed is None:
-            graphed = model.__dict__["_vision_graph"] = Graphed(model.get_image_features, max_graphs=4,
-                                                                capture_after=1)
-        return graphed(pixel_values.to(model.dtype))
+        space = model.workspace
+        if space.vision_graph is None:
+            space.vision_graph = Graphed(model.get_image_features, max_graphs=4, capture_after=1)
+        return space.vision_graph(pixel_values.to(model.dtype))
     return model.get_image_features(pixel_values, interpolate_pos_encoding)
 
 

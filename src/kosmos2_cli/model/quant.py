@@ -384,3 +384,8 @@ def quantize_modules(model: nn.Module, group_size: int | None = None) -> nn.Modu
 
 def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, Int8Weight) for m in model.modules())
+
+
+def fuse_attention(attention: nn.Module) -> None:
+    """One int8 layer for an attention's q, k and v projections (they become views of it): fewer, larger calls."""
+    attention.qkv = fuse_linears([attention.q_proj, attention.k_proj, attention.v_proj])

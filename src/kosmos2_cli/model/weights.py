@@ -181,7 +181,7 @@ def _load_streamed(model: nn.Module, files: list[Path], expected: _Expected, dev
 
 def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
     """The buffers no checkpoint holds (the sinusoidal positions), made on `device` for a model built on meta."""
-    from kosmos2_cli.model.kosmos2 import sinusoidal_table
+    from kosmos2_cli.model.text import sinusoidal_table
 
     text = model.text_model.model
     config = text.config
@@ -203,4 +203,9 @@ def save_weights(model: nn.Module, folder: Path) -> None:
     if getattr(model.config.text_config, "tie_word_embeddings", True):
         state.pop("text_model.lm_head.weight", None)
     state = {k: v.detach().contiguous() for k, v in state.items()}
+    storages: dict[int, int] = {}
+    for v in state.values():
+        storages[v.untyped_storage().data_ptr()] = storages.get(v.untyped_storage().data_ptr(), 0) + 1
+    # Tensors that are views of one block (q/k/v after the fast path fused them) are written apart.
+    state = {k: v.clone() if storages[v.untyped_storage().data_ptr()] > 1 else v for k, v in state.items()}
     save_file(state, str(folder / SINGLE_FILE), metadata={"format": "pt"})

@@ -146,8 +146,8 @@ class PipelineEngine:
     def kosmos(self):
         """The loaded pipeline (weights load on first use)."""
         if self._kosmos is None:
+            from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
             from kosmos2_cli.api.pipeline import Kosmos2
-            from kosmos2_cli.model.kosmos2 import Kosmos2ForConditionalGeneration
 
             if self.on_load:
                 self.on_load(True)
