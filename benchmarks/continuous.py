@@ -46,7 +46,6 @@ def main() -> None:
     folder = args.model or full_size_checkpoint(args.weights)
     device = torch.device(args.device)
     model = Kosmos2ForConditionalGeneration.from_pretrained(folder, device=device, dtype="auto")
-    model.fuse_for_inference()
     processor = Kosmos2Processor.from_pretrained(folder)
     one = processor(text=PROMPT, images=synthetic_image(), return_tensors="pt")
     ids, mask = one["input_ids"][0].tolist(), one["image_embeds_position_mask"][0].tolist()

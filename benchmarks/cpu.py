@@ -61,7 +61,6 @@ def load(config: str, folder: Path):
     from kosmos2_cli import Kosmos2ForConditionalGeneration
 
     model = Kosmos2ForConditionalGeneration.from_pretrained(folder, device="cpu", dtype=dtype)
-    model.fuse_for_inference()  # as the pipeline (and the GPU benchmark) do
     return model
 
 
