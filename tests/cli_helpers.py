@@ -144,11 +144,12 @@ def quick(monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["sequential", "pipelined", "continuous"])
+@pytest.fixture(params=["static", "continuous"])
 def batch_modes(request, monkeypatch):
-    """Run a test with static batches one after the other; with the next batch's model work on a thread of its
-    own while the previous one finishes (what a GPU run does); and with continuous batching
-    (KOSMOS2_CONTINUOUS=on). Gives the mode's name."""
-    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on" if request.param == "continuous" else "off")
-    monkeypatch.setenv("KOSMOS2_PIPELINE", "on" if request.param == "pipelined" else "off")
+    """Run a test with rows refilled only once all are free (static batches, KOSMOS2_REFILL_SHARE=1) and as they
+    free (the default). Gives the mode's name."""
+    if request.param == "static":
+        monkeypatch.setenv("KOSMOS2_REFILL_SHARE", "1")
+    else:
+        monkeypatch.delenv("KOSMOS2_REFILL_SHARE", raising=False)
     return request.param

@@ -157,7 +157,7 @@ def test_rich_output(model, pics):
 def test_ground_rich_output_marks_phrases_not_found(model, pics, monkeypatch):
     from kosmos2_cli.api import pipeline
 
-    def placed_or_not(self, job, name, image, raw):  # "a dog" placed, "a cat" not
+    def placed_or_not(self, job, name, image, raw, *scores):  # "a dog" placed, "a cat" not
         raw = raw.split("</phrase>")[0] + "</phrase>"
         if "a dog" in raw:
             raw += "<object><patch_index_0033><patch_index_0990></object>"
@@ -211,7 +211,7 @@ def test_every_image_mode(model, tmp_path):
 def test_draw_writes_the_full_size_image(model, pics, tmp_path, monkeypatch):
     from kosmos2_cli.api import pipeline
 
-    def with_a_box(self, job, name, image, decoded, decoded_prompt=""):
+    def with_a_box(self, job, name, image, decoded, decoded_prompt="", *scores):
         decoded = decoded_prompt + "<phrase> a thing</phrase><object><patch_index_0033><patch_index_0990></object>"
         return original(self, job, name, image, decoded, decoded_prompt)
 
@@ -457,38 +457,11 @@ def _timed(function, *args) -> float:
     return time.perf_counter() - start
 
 
-def test_ground_encodes_each_image_once_and_runs_all_phrases_as_one_batch(model, pics, monkeypatch):
-    from kosmos2_cli import Kosmos2ForConditionalGeneration
-    from kosmos2_cli.generation import generate as generation
-
-    encoded, calls = [], []
-    encode, generate = generation.encode_images, Kosmos2ForConditionalGeneration.generate
-
-    def counting_encode(model, pixel_values, *args, **kwargs):
-        encoded.append(pixel_values.shape[0])
-        return encode(model, pixel_values, *args, **kwargs)
-
-    def counting_generate(self, **kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs.get("pixel_values"), list(kwargs["stop_token_ids"])))
-        return generate(self, **kwargs)
-
-    monkeypatch.setattr(generation, "encode_images", counting_encode)
-    monkeypatch.setattr(Kosmos2ForConditionalGeneration, "generate", counting_generate)
-    result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
-    assert result.exit_code == 0
-    from kosmos2_cli.processing.processor import Kosmos2Processor
-
-    end_of_object = Kosmos2Processor.from_pretrained(model).tokenizer.convert_tokens_to_ids("</object>")
-    assert encoded == [2]  # two images, one encoding each
-    assert calls == [(6, None, [end_of_object])]  # 2 images x 3 phrases in one generate, each stops at </object>
-
-
-def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_every_phrase(model, pics, monkeypatch):
-    from kosmos2_cli.generation import continuous
-    from kosmos2_cli.generation import generate as generation
+def test_ground_encodes_each_image_once_and_admits_every_phrase_with_its_stop(model, pics, monkeypatch):
+    from kosmos2_cli.generation import decoder, rows
 
     encoded, admitted, runs = [], [], []
-    encode, stream = generation.encode_images, continuous.stream
+    encode, stream = decoder.encode_images, rows.stream
 
     def counting_encode(model, pixel_values, *args, **kwargs):
         encoded.append(pixel_values.shape[0])
@@ -497,24 +470,25 @@ def test_ground_with_continuous_batching_encodes_each_image_once_and_admits_ever
     def recording_stream(model, admit, **kwargs):
         runs.append((kwargs["rows"], sorted(kwargs["stops"])))
 
-        def counting_admit(count):
-            prompts = admit(count)
-            admitted.append(len(prompts))
+        def counting_admit(count, wait):
+            prompts = admit(count, wait)
+            admitted.append([p.stops for p in prompts or []])
             return prompts
 
         return stream(model, counting_admit, **kwargs)
 
-    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on")
-    monkeypatch.setattr(generation, "encode_images", counting_encode)
-    monkeypatch.setattr(continuous, "stream", recording_stream)
+    monkeypatch.setattr(decoder, "encode_images", counting_encode)
+    monkeypatch.setattr(rows, "stream", recording_stream)
     result = kosmos2(model, "ground", pics["a"], pics["b"], "-p", "a", "-p", "b", "-p", "c", "--json")
     assert result.exit_code == 0 and len(json_lines(result.stdout)) == 2
     from kosmos2_cli.processing.processor import Kosmos2Processor
 
     tokenizer = Kosmos2Processor.from_pretrained(model).tokenizer
+    end_of_object = tokenizer.convert_tokens_to_ids("</object>")
     assert encoded == [2]  # two images, one encoding for both
-    assert runs == [(8, sorted([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("</object>")]))]
-    assert admitted == [6]  # 2 images x 3 phrases in the first fill of 8 rows; then no more
+    assert runs == [(24, [tokenizer.eos_token_id])]  # 8 images in flight (CPU) x 3 phrases
+    assert admitted[0] == [(end_of_object,)] * 6  # 2 images x 3 phrases at once, each stopping at </object>
+    assert all(not stops for stops in admitted[1:])  # then no more
 
 
 def test_weights_that_do_not_fit_are_a_model_error_not_a_batch_to_split(model, pics, monkeypatch):

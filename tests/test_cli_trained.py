@@ -40,12 +40,17 @@ def _size(lesson) -> tuple[int, int]:
         return image.size
 
 
-def _entities(expected_entities, width, height, shift=0):
-    """The JSON entities that the reference's (phrase, span, boxes) give, spans moved back by `shift`."""
+SCORE_ATOL = 1e-5  # box scores against the reference's own output_scores, fp32
+
+
+def _entities(expected_entities, width, height, shift=0, scores=None):
+    """The JSON entities that the reference's (phrase, span, boxes) and box scores give, spans moved back by
+    `shift`."""
     return [
         {"phrase": phrase, "span": [start - shift, end - shift], "boxes": [list(b) for b in boxes],
+         "scores": pytest.approx(box_scores, abs=SCORE_ATOL),
          "boxes_px": [list(to_pixels(b, width, height)) for b in boxes]}
-        for phrase, (start, end), boxes in expected_entities
+        for (phrase, (start, end), boxes), box_scores in zip(expected_entities, scores, strict=True)
     ]
 
 
@@ -58,7 +63,7 @@ def test_caption_exactly(trained_dir, lesson):
     assert record["prompt"] == lesson.prompt
     assert record["raw"] == want.raw == lesson.raw
     assert record["text"] == want.caption
-    assert record["entities"] == _entities(want.entities, width, height)
+    assert record["entities"] == _entities(want.entities, width, height, scores=trained.box_scores(lesson))
     assert (record["width"], record["height"]) == (width, height)
 
 
@@ -75,7 +80,7 @@ def test_ask_exactly(trained_dir, lesson):
     width, height = _size(lesson)
     shift = _answer_shift(want.caption, "Answer:")
     assert record["text"] == want.caption[shift:]
-    assert record["entities"] == _entities(want.entities, width, height, shift)
+    assert record["entities"] == _entities(want.entities, width, height, shift, trained.box_scores(lesson))
     assert record["raw"] == want.raw and record["question"] == lesson.question
 
 
@@ -92,9 +97,12 @@ def test_refer_exactly(trained_dir, lesson, unit):
     want = trained.expected(lesson)
     assert record["prompt"] == lesson.prompt and record["cells"] == list(lesson.cells)
     shift = _answer_shift(want.caption, "It is")
-    answer_entities = [e for e in want.entities if e[1][0] >= shift]  # not the prompt's "It"
+    answer = [i for i, e in enumerate(want.entities) if e[1][0] >= shift]  # not the prompt's "It"
+    scores = trained.box_scores(lesson)
+    assert scores[0] == [1.0]  # the prompt's box
     assert record["text"] == want.caption[shift:]
-    assert record["entities"] == _entities(answer_entities, width, height, shift)
+    assert record["entities"] == _entities([want.entities[i] for i in answer], width, height, shift,
+                                           [scores[i] for i in answer])
     assert record["raw"] == want.raw
 
 
@@ -125,6 +133,7 @@ def test_ground_exactly_with_not_found(trained_dir, image, lessons):
             _, _, boxes = trained.expected(lesson).entities[0]
             entities.append({"phrase": lesson.phrase, "span": [start, start + len(lesson.phrase)],
                              "boxes": [list(b) for b in boxes],
+                             "scores": pytest.approx(trained.box_scores(lesson)[0], abs=SCORE_ATOL),
                              "boxes_px": [list(to_pixels(b, width, height)) for b in boxes]})
             raws.append(lesson.prompt + first)
         else:

@@ -18,15 +18,22 @@ SPEC = TaskSpec.build("caption")
 
 
 class FakeEngine:
-    """Names starting with 'bad' fail to load; batches larger than `fits` run out of memory."""
+    """Rows of images in flight, each ending after as many steps as its name's number (default 1). Names
+    starting with 'bad' fail to load, 'crash' break the preprocessing; more than `fits` rows, or an image in
+    `oom_always`, run out of memory."""
+
+    on_gpu = False
 
     def __init__(self, fits: int = 100, oom_always: set[str] = frozenset(), delay: float = 0.0) -> None:
         self.fits = fits
         self.oom_always = oom_always
         self.delay = delay
-        self.batches: list[list[str]] = []
+        self.runs: list[int] = []  # the rows of each stream
+        self.batches: list[list[str]] = []  # the images admitted together
         self.prepared: list[str] = []
         self.threads: set[str] = set()
+        self.model_threads: set[str] = set()
+        self.events: list[str] = []
         self.freed = 0
 
     def prepare(self, name: str, spec: TaskSpec) -> Prepared:
@@ -39,12 +46,44 @@ class FakeEngine:
         time.sleep(self.delay)
         return Prepared(name, None, None)
 
-    def infer(self, batch, spec):
-        names = [item.name for item in batch]
-        if len(batch) > self.fits or self.oom_always & set(names):
+    def worker_setup(self):
+        raise AssertionError("no worker processes here")
+
+    def rows_that_fit(self, share: float = 0.4) -> int:
+        return self.fits
+
+    def load(self) -> None:
+        self.events.append("load")
+        self.model_threads.add(threading.current_thread().name)
+
+    def stream(self, items, spec, rows, calm=None, pace=None):
+        self.runs.append(rows)
+        self.events.append("stream")
+        self.model_threads.add(threading.current_thread().name)
+        if rows > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.batches.append(names)
-        return [Result(n, 1, 1, spec.task, "", n.upper(), [], "") for n in names]
+        flight: list[list] = []  # [steps left, item]
+        items = iter(items)
+        while True:
+            admitted = []
+            while len(flight) < rows and (pace is None or pace.ready(not flight)) and (
+                    item := next(items, None)) is not None:
+                if item.name in self.oom_always:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+                flight.append([int(item.name.lstrip("abcdefghijklmnopqrstuvwxyz") or 1), item])
+                admitted.append(item.name)
+            if admitted:
+                self.batches.append(admitted)
+            if not flight:
+                return
+            for entry in flight:
+                entry[0] -= 1
+            for entry in [e for e in flight if e[0] <= 0]:
+                flight.remove(entry)
+                yield entry[1], entry[1].name.upper()
+
+    def finish(self, started, spec):
+        return Result(started.lower(), 1, 1, spec.task, "", started, [], "")
 
     def free_memory(self):
         self.freed += 1
@@ -58,42 +97,56 @@ def _run(engine, names, **kwargs):
 
 
 def test_outcomes_in_input_order_with_failures_in_place():
-    names = ["a", "bad1", "b", "c", "crash", "d", "bad2"]
+    names = ["a", "bad1", "b5", "c", "crash", "d9", "bad2", "e2"]
     outcomes, _, _ = _run(FakeEngine(), names, batch_size=2, workers=3)
     assert [o.image for o in outcomes] == names
     kinds = ["F" if isinstance(o, Failure) else "R" for o in outcomes]
-    assert kinds == ["R", "F", "R", "R", "F", "R", "F"]
+    assert kinds == ["R", "F", "R", "R", "F", "R", "F", "R"]
     assert outcomes[1].error == "bad1: not an image file"
     assert outcomes[4].error == "crash: cannot prepare the image (RuntimeError: weird pixels)"
 
 
-def test_batches_have_batch_size_images():
+def test_rows_hold_batch_size_images_and_refill_as_they_end():
     engine = FakeEngine()
-    _run(engine, [f"i{n}" for n in range(7)], batch_size=3, workers=2)
-    assert [len(b) for b in engine.batches] == [3, 3, 1]
+    outcomes, _, _ = _run(engine, ["i1", "i5", "i1", "i2", "i1", "i1", "i1"], batch_size=3, workers=2)
+    assert engine.runs == [3]
+    assert engine.batches[0] == ["i1", "i5", "i1"] and sum(len(b) for b in engine.batches) == 7
+    assert len(engine.batches) > 2  # rows that ended took the next images while i5 went on
+    assert [o.text for o in outcomes] == ["I1", "I5", "I1", "I2", "I1", "I1", "I1"]
 
 
-def test_preparation_runs_on_worker_threads():
+def test_preparation_runs_on_worker_threads_and_the_model_on_its_own():
     engine = FakeEngine()
     _run(engine, [f"i{n}" for n in range(6)], batch_size=2, workers=2)
     assert engine.threads and all(name.startswith("kosmos2-prepare") for name in engine.threads)
+    assert engine.model_threads == {"kosmos2-model"}
+    assert engine.events == ["load", "stream"]  # the weights load first, on the model thread
 
 
-def test_out_of_memory_halves_the_batch_and_goes_on():
+def test_out_of_memory_halves_the_rows_and_restarts_what_was_in_flight():
     engine = FakeEngine(fits=2)
-    outcomes, notices, runner = _run(engine, [f"i{n}" for n in range(9)], batch_size=8, workers=2)
-    assert [o.text for o in outcomes] == [f"I{n}" for n in range(9)]
-    assert runner.batch_size == 2
-    assert all(len(b) <= 2 for b in engine.batches)
+    names = [f"i{n % 4 + 1}" for n in range(9)]
+    outcomes, notices, runner = _run(engine, names, batch_size=8, workers=2)
+    assert [o.text for o in outcomes] == [n.upper() for n in names]
+    assert engine.runs == [8, 4, 2] and runner.batch_size == 2
     assert notices == ["out of device memory with 8 images per batch; going on with 4",
                        "out of device memory with 4 images per batch; going on with 2"]
     assert engine.freed == 2
 
 
+def test_an_image_that_does_not_fit_alone_fails_alone():
+    engine = FakeEngine(oom_always={"huge"})
+    outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
+    assert [type(o).__name__ for o in outcomes] == ["Result", "Failure", "Result"]
+    assert "out of device memory even alone" in outcomes[1].error
+    assert runner.batch_size == 1
+
+
 def test_other_errors_are_not_swallowed():
     class Broken(FakeEngine):
-        def infer(self, batch, spec):
+        def stream(self, items, spec, rows, calm=None, pace=None):
             raise ValueError("a bug")
+            yield
 
     with pytest.raises(ValueError, match="a bug"):
         _run(Broken(), ["a"], batch_size=1)
@@ -106,115 +159,8 @@ def test_prefetch_is_bounded():
     stream = runner.run([f"i{n}" for n in range(50)])
     next(stream)
     time.sleep(0.2)
-    assert len(engine.prepared) <= 2 + 4 + 2
+    assert len(engine.prepared) <= 2 + 4 + 2 + 2
     stream.close()
-
-
-class PipelinedEngine(FakeEngine):
-    """Splits `infer` into a device half and a CPU half, and loads its weights on request (as on a GPU)."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.events: list[tuple[str, str]] = []
-
-    def load(self) -> None:
-        self.events.append(("load", threading.current_thread().name))
-        time.sleep(0.2)
-
-    def start(self, batch, spec):
-        self.events.append(("start", threading.current_thread().name))
-        return self.infer(batch, spec)
-
-    def finish(self, started, spec):
-        return started
-
-
-def test_pipelined_run_loads_the_model_first_on_the_model_thread(monkeypatch):
-    monkeypatch.setenv("KOSMOS2_PIPELINE", "on")
-    engine = PipelinedEngine(delay=0.01)
-    outcomes, _, _ = _run(engine, [f"img{i}" for i in range(10)], batch_size=4)
-    assert [o.text for o in outcomes] == [f"IMG{i}" for i in range(10)]
-    assert engine.events[0] == ("load", "kosmos2-model")
-    assert [kind for kind, _ in engine.events] == ["load", "start", "start", "start"]
-    assert {thread for _, thread in engine.events} == {"kosmos2-model"}
-
-
-class StreamingEngine(FakeEngine):
-    """Continuous batching: `rows` images in flight, each ending after as many steps as its name's number; one
-    that runs out of memory with more than `fits` rows (or always, for `oom_always`)."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.runs: list[int] = []
-        self.threads_used: set[str] = set()
-
-    def stream(self, items, spec, rows, calm=None):
-        self.runs.append(rows)
-        self.threads_used.add(threading.current_thread().name)
-        if rows > self.fits:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        flight: list[list] = []  # [steps left, item]
-        items = iter(items)
-        while True:
-            while len(flight) < rows and (item := next(items, None)) is not None:
-                if item.name in self.oom_always:
-                    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-                flight.append([int(item.name.lstrip("abcdefghijklmnopqrstuvwxyz") or 1), item])
-            if not flight:
-                return
-            for entry in flight:
-                entry[0] -= 1
-            for entry in [e for e in flight if e[0] <= 0]:
-                flight.remove(entry)
-                yield entry[1], entry[1].name.upper()
-
-    def finish(self, started, spec):
-        return [Result(started.lower(), 1, 1, spec.task, "", started, [], "")]
-
-
-@pytest.fixture
-def continuous(monkeypatch):
-    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on")
-
-
-@pytest.mark.usefixtures("continuous")
-def test_continuous_run_gives_outcomes_in_input_order():
-    engine = StreamingEngine()
-    names = ["i5", "bad1", "i1", "i3", "crash", "i1", "i9", "i2"]
-    outcomes, _, _ = _run(engine, names, batch_size=3, workers=2)
-    assert [o.image for o in outcomes] == names
-    assert [o.text if isinstance(o, Result) else "F" for o in outcomes] == [
-        "I5", "F", "I1", "I3", "F", "I1", "I9", "I2"]
-    assert engine.runs == [3] and engine.threads_used == {"kosmos2-model"}
-
-
-@pytest.mark.usefixtures("continuous")
-def test_continuous_run_out_of_memory_halves_the_rows_and_restarts_what_was_in_flight():
-    engine = StreamingEngine(fits=2)
-    names = [f"i{n % 4 + 1}" for n in range(9)]
-    outcomes, notices, runner = _run(engine, names, batch_size=8, workers=2)
-    assert [o.text for o in outcomes] == [n.upper() for n in names]
-    assert engine.runs == [8, 4, 2] and runner.batch_size == 2
-    assert notices == ["out of device memory with 8 images per batch; going on with 4",
-                       "out of device memory with 4 images per batch; going on with 2"]
-    assert engine.freed == 2
-
-
-@pytest.mark.parametrize("mode", ["static", "continuous"])
-def test_an_image_that_does_not_fit_alone_fails_alone(mode, monkeypatch):
-    monkeypatch.setenv("KOSMOS2_CONTINUOUS", "on" if mode == "continuous" else "off")
-    engine = (StreamingEngine if mode == "continuous" else FakeEngine)(oom_always={"huge"})
-    outcomes, _, runner = _run(engine, ["a", "huge", "b"], batch_size=4, workers=1)
-    assert [type(o).__name__ for o in outcomes] == ["Result", "Failure", "Result"]
-    assert "out of device memory even alone" in outcomes[1].error
-    assert runner.batch_size == 1
-
-
-def test_continuous_batching_is_off_unless_asked_for():
-    engine = StreamingEngine()
-    outcomes, _, _ = _run(engine, ["i1", "i2", "i3"], batch_size=2, workers=1)
-    assert engine.runs == [] and [len(b) for b in engine.batches] == [2, 1]
-    assert [o.text for o in outcomes] == ["I1", "I2", "I3"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="staging copies pixels to a GPU (none here)")
@@ -224,7 +170,8 @@ def test_collated_pixels_are_staged_on_the_gpu_unchanged(trained_dir):
     import numpy as np
     from oracle import fixture_images
 
-    from kosmos2_cli.runtime.engine import PipelineEngine, Staged
+    from kosmos2_cli.runtime.engine import PipelineEngine
+    from kosmos2_cli.runtime.stager import Staged
 
     engine = PipelineEngine(trained_dir, device="cuda")
     prepared = [engine.prepare(str(path), SPEC) for path in fixture_images()[:3]]

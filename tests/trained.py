@@ -322,6 +322,38 @@ def _expected(lesson: Lesson) -> Expected:
     return Expected(ids=prompt + answer, answer_ids=answer, raw=raw, caption=caption, entities=entities)
 
 
+def box_scores(lesson: Lesson) -> list[list[float]]:
+    """For each entity of `expected(lesson).entities` (the prompt's too), for each of its boxes: the product of
+    the probabilities the reference's own greedy `generate(..., output_scores=True)` gave the box's two location
+    tokens (softmax of its scores at those steps); 1.0 for a box of the prompt."""
+    return copy.deepcopy(_box_scores(lesson))
+
+
+@cache
+def _reference_model():
+    folder = os.environ.get("KOSMOS2_TRAINED_DIR")
+    return load_reference(Path(folder) if folder else None)
+
+
+@cache
+def _box_scores(lesson: Lesson) -> list[list[float]]:
+    import torch
+
+    inputs = prompt_inputs(lesson)
+    with torch.no_grad():
+        out = _reference_model().generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=1,
+                                          output_scores=True, return_dict_in_generate=True)
+    ids = out.sequences[0].tolist()
+    assert ids == expected(lesson).ids, lesson.key
+    prompt = inputs["input_ids"].shape[1]
+    tokenizer = reference_processor().tokenizer
+    patch = {tokenizer.convert_tokens_to_ids(f"<patch_index_{i:04d}>") for i in range(32 * 32)}
+    probs = [1.0 if at < prompt else torch.softmax(out.scores[at - prompt][0].float(), dim=-1)[token].item()
+             for at, token in enumerate(ids) if token in patch]
+    pairs = iter(zip(probs[0::2], probs[1::2], strict=True))
+    return [[a * b for a, b in (next(pairs) for _ in boxes)] for _, _, boxes in expected(lesson).entities]
+
+
 def _batch(lessons):
     """Left-padded inputs for `lessons`, labels on the answers only. Left padding puts every answer at the end,
     so the loss needs the logits of the last `keep` positions only (`logits_to_keep`, labels cut to match)."""

@@ -1,17 +1,18 @@
-"""The small scripting API: `Kosmos2.from_pretrained(...).caption(image)` and friends, returning typed results.
+"""The scripting API: `Kosmos2.from_pretrained(...).caption(image)` and friends, returning typed results.
 
-It owns the data path from pictures to `Result`s: prompt, processor, one batched `generate`, post-processing,
-and pixel boxes in the original image's coordinates.
+It owns the data path from pictures to `Result`s: prompts, the processor, the image encoder, generation through
+the row scheduler (`generation.rows`: a batch is rows that start together; a stream of images or requests
+keeps them full), post-processing, box scores and pixel boxes in the original image's coordinates. Beam search,
+which rows cannot share, runs as static batches.
 """
 
 from __future__ import annotations
 
 import itertools
-import re
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,60 +20,53 @@ import torch
 from PIL import Image
 
 from kosmos2_cli.api import prompts
-from kosmos2_cli.api.results import Entity, Result, to_pixels
+from kosmos2_cli.api.answers import Answers, Job, patch_probabilities
+from kosmos2_cli.api.options import GenerationOptions
+from kosmos2_cli.api.results import Result, to_pixels
 from kosmos2_cli.model.hub import DEFAULT_MODEL
+
+__all__ = ["GenerationOptions", "Job", "Kosmos2", "Request", "Started"]
 
 ImageInput = str | Path | Image.Image
 
 
 @dataclass
-class GenerationOptions:
-    """How tokens are chosen; defaults are the model card's (greedy, up to 128 new tokens)."""
+class Request:
+    """One image and its jobs (prompts), answered together; `key` comes back with them. `embeds`: the image's
+    embeddings, (image tokens, width) on the model's device; `options`: this request's own (None: the
+    pipeline's)."""
 
-    max_new_tokens: int = 128
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = 50
-    seed: int | None = None
-
-    def kwargs(self) -> dict[str, Any]:
-        return dict(
-            max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-        )
+    key: object
+    name: str
+    image: Any  # a PIL image, or anything with width, height and size
+    jobs: list[Job]
+    embeds: torch.Tensor
+    options: GenerationOptions | None = None
 
 
 @dataclass
 class Started:
-    """A batch whose tokens are generated and not yet turned into results (see `Kosmos2.start`)."""
+    """Jobs whose tokens are generated and not yet turned into results (`Kosmos2.finish` does that)."""
 
     images: list[tuple[str, Any]]
     jobs: list[Job]
-    groups: list[tuple[list[int], list[list[int]], list[list[int]]]]  # (job indices, prompt ids, all ids)
+    # (job indices, prompt ids, prompt + answer ids, the answers' log-probabilities or None)
+    groups: list[tuple[list[int], list[list[int]], list[list[int]], list[list[float]] | None]]
+    key: object = None
+
+
+# take(n, wait): up to n requests; [] when none is ready (wait=False), None when there will be no more.
+Take = Callable[[int, bool], "list[Request] | None"]
 
 
 @dataclass
 class _Open:
-    """An image whose answers are being generated (continuous batching): answers by job index."""
+    """A request whose answers are being generated: answers by job index."""
 
-    key: object
-    name: str
-    image: Any
+    request: Request
     jobs: list[Job]
     prompt_ids: list[list[int]]
-    answers: dict[int, list[int]]
-
-
-@dataclass
-class Job:
-    """One prompt for one image; `image_index` says which picture of the batch it reads."""
-
-    image_index: int
-    task: str
-    prompt: str
-    extra: dict[str, Any]
+    answers: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
 
 
 class Kosmos2:
@@ -82,6 +76,8 @@ class Kosmos2:
         self.model = model
         self.processor = processor
         self.options = options or GenerationOptions()
+        self.answers = Answers(processor)
+        self._patch_ids: frozenset[int] | None = None
 
     @classmethod
     def from_pretrained(
@@ -149,112 +145,194 @@ class Kosmos2:
 
     def run(self, images: Sequence[tuple[str, Image.Image]], jobs: Sequence[Job], image_embeds=None,
             **options) -> list[Result]:
-        """Run `jobs` over `images`: each image is encoded once, then the prompts decode as batches.
-
-        `image_embeds` (one row per image) skips the image encoder, e.g. when the caller encoded ahead.
-        """
-        return self.finish(self.start(images, jobs, image_embeds, **options))
-
-    @torch.no_grad()
-    def start(self, images: Sequence[tuple[str, Image.Image]], jobs: Sequence[Job], image_embeds=None,
-              **options) -> Started:
-        """The model's half of `run` (image encoder, generation), up to token ids on the host. A caller may
-        `finish` one batch on the CPU while the next one `start`s on the device."""
-        opts = GenerationOptions(**{**self.options.__dict__, **options})
-        jobs = [self._with_refer_prompt(job, images[job.image_index][1]) for job in jobs]
+        """Run `jobs` over `images`: each image is encoded once (unless `image_embeds`, one row per image, are
+        given), then every prompt decodes as one batch. Results in the order of `jobs`."""
+        opts = self._options(options)
         if image_embeds is None:
             image_embeds = self.encode_images([image for _, image in images])
-        groups = []
-        # `ground` rows stop at their first </object>; other tasks must not, so they generate apart.
-        for grounding in (False, True):
-            picked = [i for i, job in enumerate(jobs) if (job.task == "ground") == grounding]
-            if picked:
-                prompt_ids, all_ids = self._generate([jobs[i] for i in picked], [im for _, im in images],
-                                                     image_embeds, opts, grounding)
-                groups.append((picked, prompt_ids, all_ids))
-        return Started(list(images), jobs, groups)
+        image_embeds = image_embeds.clone()  # small batches come from a CUDA graph's output, which later calls reuse
+        by_image: dict[int, list[int]] = {}
+        for index, job in enumerate(jobs):
+            by_image.setdefault(job.image_index, []).append(index)
+        requests = [Request(i, *images[i], [replace(jobs[j], image_index=0) for j in picked], image_embeds[i])
+                    for i, picked in by_image.items()]
+        pending: list[Request] | None = requests
 
-    def finish(self, started: Started) -> list[Result]:
-        """The CPU half of `run`: token ids to text, post-processing, results in the order of the jobs."""
+        def take(count: int, wait: bool) -> list[Request] | None:
+            nonlocal pending
+            handed, pending = pending, None
+            return handed
+
         results: dict[int, Result] = {}
-        decode = self.processor.batch_decode
-        for picked, prompt_ids, all_ids in started.groups:
-            full = decode(all_ids, skip_special_tokens=True)
-            # The prompt as the tokenizer gives it back (normalized like the answer), to cut it off exactly.
-            asked = decode(prompt_ids, skip_special_tokens=True)
-            for i, text, prompt_text in zip(picked, full, asked, strict=True):
-                job = started.jobs[i]
-                name, image = started.images[job.image_index]
-                results[i] = self._result(job, name, image, text, prompt_text)
-        return [results[i] for i in range(len(started.jobs))]
+        for started in self.stream(take, rows=max(1, len(jobs)), options=opts):
+            for job_index, result in zip(by_image[started.key], self.finish(started), strict=True):
+                results[job_index] = result
+        return [results[i] for i in range(len(jobs))]
 
     @torch.no_grad()
-    def stream(self, encoded: Callable[[int], tuple[list[tuple[object, str, Any]], torch.Tensor | None]],
-               jobs: Sequence[Job], rows: int, calm: threading.Event | None = None,
-               **options) -> Iterator[tuple[object, Started]]:
-        """Continuous batching: `jobs` (one image's, `image_index` 0) for every image `encoded(n)` hands over (up
-        to n `(key, name, image)` with their embeddings, none when there are no more), `rows` answers in flight.
+    def stream(self, take: Take, rows: int, *, options: GenerationOptions | None = None,
+               calm: threading.Event | None = None, cancelled: set | None = None,
+               longest_prompt: int | None = None, refill_share: float | None = None) -> Iterator[Started]:
+        """Answers for the requests `take` hands over, `rows` prompts in flight: a Started (its `key` the
+        request's) for each request once all its answers have ended, in that order; `finish` makes results.
 
-        (key, Started) for each image once all its answers have ended, in that order; `finish` makes results.
-        Greedy or sampling (one beam), and one kind of job (ground's stop at `</object>` applies to every row).
-        `calm`: see `continuous.stream`.
+        `longest_prompt` bounds the prompts' tokens (default: the first requests' longest); `refill_share`: see
+        `generation.rows.stream` (default there). Requests' keys put into `cancelled` stop at the next step.
+        With beams (`options.num_beams` > 1) requests are answered as static batches of `rows` prompts.
         """
-        from kosmos2_cli.generation.continuous import Prompt
-        from kosmos2_cli.generation.continuous import stream as continuous_stream
-        from kosmos2_cli.generation.generate import Sampling
+        opts = options or self.options
+        if opts.num_beams > 1:
+            yield from self._beam_batches(take, rows, opts)
+            return
+        from kosmos2_cli.generation.rows import Prompt
+        from kosmos2_cli.generation.rows import stream as row_stream
 
-        opts = GenerationOptions(**{**self.options.__dict__, **options})
-        if opts.num_beams != 1 or len({job.task == "ground" for job in jobs}) != 1:
-            raise ValueError("continuous batching takes one beam and one kind of job")
-        tokenizer = self.processor.tokenizer
-        stops = [self.model.config.text_config.eos_token_id]
-        if jobs[0].task == "ground":
-            stops.append(tokenizer.convert_tokens_to_ids("</object>"))
+        eos = self.model.config.text_config.eos_token_id
+        object_end = self.processor.tokenizer.convert_tokens_to_ids("</object>")
         tokenized: dict[str, tuple[list[int], list[int]]] = {}  # prompt text -> ids, image slots
         waiting: deque[Prompt] = deque()
-        images: dict[int, _Open] = {}  # by the order they came in
+        open_requests: dict[int, _Open] = {}
         numbers = itertools.count()
+        run_sampling = self._sampling(opts)
+        exhausted = False
 
-        def take_images(count: int) -> bool:
-            got, embeds = encoded(count)
-            if not got:
-                return False
-            embeds = embeds.clone()  # small batches come from a CUDA graph's output, which the next call reuses
-            for (key, name, image), row in zip(got, embeds, strict=True):
-                mine = [self._with_refer_prompt(Job(0, job.task, job.prompt, dict(job.extra)), image) for job in jobs]
+        def accept(requests: list[Request]) -> None:
+            for request in requests:
+                mine = [self._with_refer_prompt(job, request.image) for job in request.jobs]
                 new = list(dict.fromkeys(job.prompt for job in mine if job.prompt not in tokenized))
                 if new:
-                    batch = self._prompts(new, [image] * len(new))
+                    batch = self._prompts(new, [request.image] * len(new))
                     for text, ids, slots, keep in zip(new, batch["input_ids"], batch["image_embeds_position_mask"],
                                                       batch["attention_mask"].bool(), strict=True):
                         tokenized[text] = ids[keep].tolist(), slots[keep].tolist()
+                own = request.options
+                sampling = None if own is None or own == opts else self._sampling(own)
+                cap = None if own is None else own.max_new_tokens
                 index = next(numbers)
-                images[index] = _Open(key, name, image, mine, [tokenized[job.prompt][0] for job in mine], {})
-                waiting.extend(Prompt((index, j), *tokenized[job.prompt], row) for j, job in enumerate(mine))
-            return True
+                open_requests[index] = _Open(request, mine, [tokenized[job.prompt][0] for job in mine])
+                waiting.extend(Prompt((index, j), *tokenized[job.prompt], request.embeds, cap,
+                                      (object_end,) if job.task == "ground" else (), sampling)
+                               for j, job in enumerate(mine))
 
-        def admit(count: int) -> list[Prompt]:
-            while len(waiting) < count and take_images(-(-(count - len(waiting)) // len(jobs))):
-                pass
+        def admit(count: int, wait: bool):
+            nonlocal exhausted
+            while len(waiting) < count and not exhausted:
+                got = take(count - len(waiting), wait and not waiting)
+                if got is None:
+                    exhausted = True
+                elif not got:
+                    break
+                else:
+                    accept(got)
+            if not waiting:
+                return None if exhausted else []
             return [waiting.popleft() for _ in range(min(count, len(waiting)))]
 
-        if not take_images(-(-rows // len(jobs))):
+        first = take(rows, True)
+        if not first:
             return
-        generator = torch.Generator(device=self.model.device).manual_seed(opts.seed) if (
-            opts.seed is not None) else None
-        sampling = Sampling(opts.do_sample, opts.temperature, opts.top_k, opts.top_p, generator)
-        answers = continuous_stream(self.model, admit, rows=rows, longest_prompt=max(len(p.ids) for p in waiting),
-                                    max_new_tokens=opts.max_new_tokens, stops=stops,
-                                    pad=self.model.config.text_config.pad_token_id, sampling=sampling, calm=calm)
-        for (index, j), answer in answers:
-            image = images[index]
-            image.answers[j] = answer
-            if len(image.answers) == len(image.jobs):
-                del images[index]
-                prompt_ids = image.prompt_ids
-                all_ids = [prompt_ids[k] + image.answers[k] for k in range(len(image.jobs))]
-                yield image.key, Started([(image.name, image.image)], image.jobs,
-                                         [(list(range(len(image.jobs))), prompt_ids, all_ids)])
+        accept(first)
+        longest = longest_prompt or max(len(p.ids) for p in waiting)
+        share = {} if refill_share is None else {"refill_share": refill_share}
+        answers = row_stream(self.model, admit, rows=rows, longest_prompt=longest,
+                             max_new_tokens=opts.max_new_tokens, stops=[eos],
+                             pad=self.model.config.text_config.pad_token_id, sampling=run_sampling, calm=calm,
+                             cancelled=cancelled, **share)
+        for answer in answers:
+            index, j = answer.tag
+            request = open_requests[index]
+            request.answers[j] = (answer.ids, answer.logprobs)
+            if len(request.answers) == len(request.jobs):
+                del open_requests[index]
+                yield self._started(request)
+
+    def _started(self, request: _Open) -> Started:
+        count = len(request.jobs)
+        all_ids = [request.prompt_ids[k] + request.answers[k][0] for k in range(count)]
+        logprobs = [request.answers[k][1] for k in range(count)]
+        return Started([(request.request.name, request.request.image)], request.jobs,
+                       [(list(range(count)), request.prompt_ids, all_ids, logprobs)], request.request.key)
+
+    def _sampling(self, opts: GenerationOptions):
+        from kosmos2_cli.generation.sampling import Sampling
+
+        generator = None
+        if opts.do_sample and opts.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(opts.seed)
+        return Sampling(opts.do_sample, opts.temperature, opts.top_k, opts.top_p, generator)
+
+    def _options(self, options: dict[str, Any]) -> GenerationOptions:
+        return GenerationOptions(**{**self.options.__dict__, **options})
+
+    def _beam_batches(self, take: Take, rows: int, opts: GenerationOptions) -> Iterator[Started]:
+        """Beam search: requests in static batches of about `rows` prompts, one `generate` per batch."""
+        while (requests := take(rows, True)) is not None:
+            if not requests:
+                continue
+            images = [(r.name, r.image) for r in requests]
+            jobs = [replace(job, image_index=i) for i, r in enumerate(requests) for job in r.jobs]
+            embeds = torch.stack([r.embeds for r in requests])
+            started = self._generate_beams(images, jobs, embeds, opts)
+            for i, request in enumerate(requests):
+                picked = [k for k, job in enumerate(jobs) if job.image_index == i]
+                groups = []
+                for indices, prompt_ids, all_ids, logprobs in started.groups:
+                    mine = [n for n, k in enumerate(indices) if k in picked]
+                    if mine:
+                        groups.append(([picked.index(indices[n]) for n in mine], [prompt_ids[n] for n in mine],
+                                       [all_ids[n] for n in mine], None if logprobs is None else
+                                       [logprobs[n] for n in mine]))
+                yield Started([images[i]], [replace(jobs[k], image_index=0) for k in picked], groups, request.key)
+
+    def _generate_beams(self, images, jobs: list[Job], embeds: torch.Tensor, opts: GenerationOptions) -> Started:
+        """One static `generate` with beams for each kind of job (`ground` rows stop at their first `</object>`;
+        the others must not), then the location tokens scored along the returned beams."""
+        from kosmos2_cli.generation.scoring import answer_logprobs
+
+        jobs = [self._with_refer_prompt(job, images[job.image_index][1]) for job in jobs]
+        groups = []
+        for grounding in (False, True):
+            picked = [i for i, job in enumerate(jobs) if (job.task == "ground") == grounding]
+            if not picked:
+                continue
+            chosen = [jobs[i] for i in picked]
+            batch = self._prompts([job.prompt for job in chosen], [images[job.image_index][1] for job in chosen])
+            rows = torch.tensor([job.image_index for job in chosen], device=embeds.device)
+            stop = [self.processor.tokenizer.convert_tokens_to_ids("</object>")] if grounding else []
+            image_embeds = embeds.index_select(0, rows)
+            generated = self.model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], image_embeds=image_embeds,
+                image_embeds_position_mask=batch["image_embeds_position_mask"], stop_token_ids=stop,
+                **opts.kwargs(),
+            )
+            logprobs = answer_logprobs(self.model, generated, batch, image_embeds, self.patch_ids)
+            groups.append((picked, batch["input_ids"].tolist(), generated.tolist(), logprobs))
+        return Started(list(images), jobs, groups)
+
+    def finish(self, started: Started) -> list[Result]:
+        """The CPU half: token ids to text, post-processing, box scores; results in the order of the jobs."""
+        results: dict[int, Result] = {}
+        decode = self.processor.batch_decode
+        for picked, prompt_ids, all_ids, logprobs in started.groups:
+            full = decode(all_ids, skip_special_tokens=True)
+            # The prompt as the tokenizer gives it back (normalized like the answer), to cut it off exactly.
+            asked = decode(prompt_ids, skip_special_tokens=True)
+            for n, (i, text, prompt_text) in enumerate(zip(picked, full, asked, strict=True)):
+                job = started.jobs[i]
+                name, image = started.images[job.image_index]
+                probs = patch_probabilities(all_ids[n], len(prompt_ids[n]), None if logprobs is None else
+                                            logprobs[n], self.patch_ids)
+                results[i] = self._result(job, name, image, text, prompt_text, probs)
+        return [results[i] for i in range(len(started.jobs))]
+
+    @property
+    def patch_ids(self) -> frozenset[int]:
+        """The ids of the location tokens `<patch_index_0000>` ... (one per grid cell)."""
+        if self._patch_ids is None:
+            tokenizer = self.processor.tokenizer
+            self._patch_ids = frozenset(tokenizer.convert_tokens_to_ids(prompts.patch_token(i))
+                                        for i in range(prompts.GRID * prompts.GRID))
+        return self._patch_ids
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Pixel values, one row per image: CPU work that needs no model, so callers may run it on threads."""
@@ -262,7 +340,7 @@ class Kosmos2:
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Image embeddings for the decoder from `preprocess`'s pixel values, one row per image."""
-        from kosmos2_cli.generation.generate import encode_images
+        from kosmos2_cli.generation.decoder import encode_images
 
         return encode_images(self.model, pixel_values.to(self.model.device, non_blocking=pixel_values.is_pinned()))
 
@@ -270,25 +348,12 @@ class Kosmos2:
         """Image embeddings for the decoder, one row per image."""
         return self.encode_pixels(self.preprocess(images))
 
-    def _generate(self, jobs: Sequence[Job], images: Sequence[Image.Image], image_embeds: torch.Tensor,
-                  opts: GenerationOptions, grounding: bool) -> tuple[list[list[int]], list[list[int]]]:
-        """(prompt ids, prompt + answer ids) per job, as host lists."""
-        batch = self._prompts([job.prompt for job in jobs], [images[job.image_index] for job in jobs])
-        rows = torch.tensor([job.image_index for job in jobs], device=image_embeds.device)
-        stop = [self.processor.tokenizer.convert_tokens_to_ids("</object>")] if grounding else []
-        generated = self.model.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            image_embeds=image_embeds.index_select(0, rows),
-            image_embeds_position_mask=batch["image_embeds_position_mask"], stop_token_ids=stop, **opts.kwargs(),
-        )
-        return batch["input_ids"].tolist(), generated.tolist()
-
     def _prompts(self, texts: list[str], images: list) -> Any:
         """Token ids, attention mask and image slots of prompts whose images are already encoded."""
         return self.processor(text=texts, images=images, pixels=False,
                               num_image_tokens=self.model.config.latent_query_num, return_tensors="pt")
 
-    def _with_refer_prompt(self, job: Job, image: Image.Image) -> Job:
+    def _with_refer_prompt(self, job: Job, image) -> Job:
         if job.task != "refer" or job.prompt:
             return job
         box = prompts.normalize_box(job.extra["box"], image.width, image.height, job.extra["normalized"])
@@ -297,37 +362,13 @@ class Kosmos2:
                  "cells": list(cells)}
         return Job(job.image_index, "refer", prompts.refer_prompt(cells), extra)
 
-    def _result(self, job: Job, name: str, image: Image.Image, decoded: str, decoded_prompt: str = "") -> Result:
-        raw = self.processor.post_process_generation(decoded, cleanup_and_extract=False)
-        text, found = self.processor.post_process_generation(decoded)
-        width, height = image.size
-        prefix = ""
+    def _result(self, job: Job, name: str, image, decoded: str, decoded_prompt: str = "",
+                patch_probs: Sequence[float | None] = ()) -> Result:
         if job.task == "ground":
-            return self._ground_result(job, name, image, raw)
-        if job.task in ("ask", "refer"):
-            prefix, _ = self.processor.post_process_generation(decoded_prompt or job.prompt)
-        entities = []
-        start = 0
-        if prefix and text.startswith(prefix):
-            start = len(text) - len(text[len(prefix):].lstrip())
-        for phrase, (a, b), boxes in found:
-            if a < start:
-                continue  # a phrase of the prompt (refer's "It"), not of the answer
-            entities.append(Entity(phrase, (a - start, b - start), [tuple(x) for x in boxes],
-                                   [to_pixels(x, width, height) for x in boxes]))
-        return Result(name, width, height, job.task, job.prompt, text[start:], entities, raw, dict(job.extra))
+            raw = self.processor.post_process_generation(decoded, cleanup_and_extract=False)
+            return self._ground_result(job, name, image, raw, patch_probs)
+        return self.answers.result(job, name, image, decoded, decoded_prompt, patch_probs)
 
-    def _ground_result(self, job: Job, name: str, image: Image.Image, raw: str) -> Result:
-        from kosmos2_cli.processing.postprocess import patch_index_to_coordinate
-
-        phrase = job.extra["phrase"]
-        after = raw.split("</phrase>", 1)[-1]  # what the model wrote after the phrase
-        # Placed means an <object> right after the phrase; text first means the model went on to something else.
-        placed = re.match(r"\s*<object>(.*?)</object>", after)
-        cells = re.findall(r"<patch_index_(\d+)><patch_index_(\d+)>", placed.group(1)) if placed else []
-        boxes = [patch_index_to_coordinate(int(a), int(b), prompts.GRID) for a, b in cells]
-        width, height = image.size
-        entities = [Entity(phrase, (0, len(phrase)), boxes, [to_pixels(b, width, height) for b in boxes])] if (
-            boxes) else []
-        return Result(name, width, height, "ground", job.prompt, phrase, entities, raw,
-                      {**job.extra, "found": bool(boxes)})
+    def _ground_result(self, job: Job, name: str, image, raw: str,
+                       patch_probs: Sequence[float | None] = ()) -> Result:
+        return self.answers.ground_result(job, name, image, raw, patch_probs)

@@ -17,12 +17,16 @@ class Entity:
     span: tuple[int, int]
     boxes: list[Box]
     boxes_px: list[PixelBox]
+    # Per box: the probability the model gave its two location tokens (their product); 1.0 for a box that
+    # came from the prompt; None where the tokens are not known (text made by hand).
+    scores: list[float | None] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "phrase": self.phrase,
             "span": list(self.span),
             "boxes": [list(b) for b in self.boxes],
+            "scores": [None if s is None else float(f"{s:.6g}") for s in self.scores],
             "boxes_px": [list(b) for b in self.boxes_px],
         }
 

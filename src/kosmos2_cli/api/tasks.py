@@ -141,7 +141,8 @@ def merge_ground(results: Sequence[Result]) -> Result:
         start = len(text)
         text += phrase
         for entity in result.entities:
-            entities.append(Entity(phrase, (start, start + len(phrase)), list(entity.boxes), list(entity.boxes_px)))
+            entities.append(Entity(phrase, (start, start + len(phrase)), list(entity.boxes), list(entity.boxes_px),
+                                   list(entity.scores)))
         found[phrase] = bool(result.entities)
     extra = {k: v for k, v in first.extra.items() if k not in ("phrase", "found")}
     extra["found"] = found

@@ -42,7 +42,7 @@ def open_engine(settings: Settings, reporter: Reporter):
         raise CliError(str(err)) from err
     folder = find_model(settings.model, settings.revision, reporter)
     try:
-        return PipelineEngine(folder, device, dtype, settings.generation_options())
+        return PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share())
     except ModelLoadError as err:
         raise CliError(str(err), ExitCode.MODEL) from err
 
@@ -67,3 +67,20 @@ def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
         return resolve_model_dir(model, revision)
     except ModelNotFoundError as err:
         raise CliError(str(err), ExitCode.MODEL) from err
+
+
+def refill_share() -> float | None:
+    """KOSMOS2_REFILL_SHARE: refill the rows once this share of them is free (1: static batches; unset: the
+    scheduler's default). A tuning knob for benchmarks and odd workloads."""
+    import os
+
+    value = os.environ.get("KOSMOS2_REFILL_SHARE", "").strip()
+    if not value:
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share <= 1:
+        raise CliError(f"KOSMOS2_REFILL_SHARE must be a number from 0 to 1 (got {value!r})")
+    return share

@@ -329,3 +329,37 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _launch(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
+
+
+@triton.jit
+def _argmax_lse_kernel(x_ptr, token_ptr, logprob_ptr, stride, width, BLOCK: tl.constexpr):
+    """One row: the first index of its largest value, and that value's log-softmax (-log sum exp(x - max)),
+    accumulated online in fp32 over blocks of the row."""
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    best = tl.full([], -float("inf"), tl.float32)
+    where = tl.full([], 0, tl.int64)
+    total = tl.full([], 0.0, tl.float32)
+    for start in range(0, width, BLOCK):
+        inside = start + cols < width
+        x = tl.load(x_ptr + row * stride + start + cols, mask=inside, other=-float("inf")).to(tl.float32)
+        block_best = tl.max(x, axis=0)
+        block_where = tl.argmax(x, axis=0)  # the first of equal maxima
+        new_best = tl.maximum(best, block_best)
+        total = total * tl.exp(best - new_best) + tl.sum(tl.where(inside, tl.exp(x - new_best), 0.0), axis=0)
+        where = tl.where(block_best > best, start + block_where.to(tl.int64), where)
+        best = new_best
+    tl.store(token_ptr + row, where)
+    tl.store(logprob_ptr + row, -tl.log(total))
+
+
+def argmax_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(argmax, log_softmax at the argmax) of each row of (rows, vocab) logits: `argmax` and
+    `log_softmax(logits.float())` gathered, in one read of the logits."""
+    rows, width = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    tokens = torch.empty(rows, dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _argmax_lse_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), width, BLOCK=4096, num_warps=8)
+    return tokens, logprobs

@@ -74,6 +74,19 @@ def extract_entities_with_patch_indices(text: str) -> list[tuple[str, tuple[int,
     return entities
 
 
+def box_patch_ordinals(text: str) -> list[list[tuple[int, int]]]:
+    """For each entity `extract_entities_with_patch_indices` finds in `text`, for each of its boxes: the ordinals
+    of the box's two `<patch_index_N>` tags among all such tags of `text` (0 = the first one in the text). Box
+    scores come from the probabilities of the tokens these tags stand for."""
+    out: list[list[tuple[int, int]]] = []
+    for match in _ENTITY.finditer(text):
+        first = len(_PATCH.findall(text, 0, match.start(3)))
+        count = len(match.group(3).split(_DELIMITER))
+        pairs = [(first + 2 * i, first + 2 * i + 1) for i in range(count)]
+        out += [pairs] if match.group(1) else [[pair] for pair in pairs]
+    return out
+
+
 def adjust_entity_positions(entity: tuple[str, tuple[int, int]], text: str) -> tuple[str, tuple[int, int]]:
     """Move an entity's span from tagged `text` to the text with every `<...>` removed."""
     name, (start, end) = entity

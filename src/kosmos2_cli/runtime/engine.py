@@ -1,96 +1,63 @@
-"""The narrow interface between the command line and the model: `prepare` one image, `infer` a batch.
+"""The narrow interface between the runner (and the service) and the model, and its PyTorch implementation.
 
-`prepare` (decode, orient, check, preprocess) is plain CPU work that runs on worker threads while the model
-runs; `infer` runs on the calling thread. A faster engine (another GPU back end) only has to provide these two
-methods; the runner, batching, resume and output do not change.
+`prepare` (decode, orient, check, preprocess) is CPU work that runs on worker threads while the model runs;
+`stream` answers prepared images on the model's thread, keeping the device's rows full (`Kosmos2.stream`);
+`finish` turns an image's generated tokens into its record on the caller's thread. Another back end only has to
+provide `Engine`; the runner, batching, resume and output do not change.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.results import Result
 from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.runtime.prepare import Picture, Prepared, prepare_image, worker_setup
 
 if TYPE_CHECKING:
-    from PIL import Image
+    from kosmos2_cli.api.pipeline import Kosmos2, Started
 
-    from kosmos2_cli.api.pipeline import GenerationOptions
-
-
-@dataclass
-class Prepared:
-    """One image ready for the model: its name (path as given), the upright picture (or only its size, when it
-    was prepared in another process and nothing will draw on it) and model inputs."""
-
-    name: str
-    image: Image.Image | Picture
-    inputs: Any
+__all__ = ["Engine", "ModelLoadError", "Picture", "PipelineEngine", "Prepared", "check_model_folder",
+           "is_out_of_memory", "prepare_image"]
 
 
-@dataclass(frozen=True)
-class Picture:
-    """What the model side needs of an image prepared elsewhere: its size."""
-
-    width: int
-    height: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.width, self.height
-
-
-@dataclass
-class Staged:
-    """Pixels copied to the GPU on a side stream; `take` them on the stream that will use them."""
-
-    pixels: Any
-    ready: Any
-
-    @classmethod
-    def copy(cls, pinned, stream) -> Staged:
-        import torch
-
-        with torch.cuda.stream(stream):
-            pixels = pinned.to(stream.device, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        return cls(pixels, ready)
-
-    def take(self):
-        """The pixels, once the current stream has waited (on the GPU, not here) for their copy."""
-        import torch
-
-        current = torch.cuda.current_stream(self.pixels.device)
-        current.wait_event(self.ready)
-        self.pixels.record_stream(current)  # freed later on this stream: not reused before it is done with them
-        return self.pixels
-
-
-def prepare_image(image_processor, name: str, spec: TaskSpec, keep_image: bool = True) -> Prepared:
-    """Load, check and preprocess one image (CPU work that needs no model). Pixels come back as a float32
-    (1, 3, H, W) array, which crosses process boundaries cheaply."""
-    from kosmos2_cli.processing.images import load_image
-
-    image = load_image(name)
-    spec.check_image(*image.size)
-    pixels = image_processor(image, return_tensors="np")["pixel_values"]
-    return Prepared(name, image if keep_image else Picture(*image.size), pixels)
+class Pace(Protocol):
+    def ready(self, wait: bool) -> bool:
+        """May the model take new images now (the consumer keeps up)? With `wait`, block until it may."""
 
 
 class Engine(Protocol):
+    """What the runner needs of a model."""
+
+    on_gpu: bool  # will the model run on a GPU (decides batch sizing and preparation)
+
     def prepare(self, name: str, spec: TaskSpec) -> Prepared:
         """Load and preprocess one image; thread-safe. Raises ImageLoadError or PromptError for a bad image."""
 
-    def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
-        """One Result per prepared image, in order."""
+    def worker_setup(self) -> tuple[Callable, tuple]:
+        """(initializer, its arguments) for a worker process that prepares images as `prepare` does."""
+
+    def load(self) -> None:
+        """Load the weights now (the runner does so on the model thread while the first images are prepared)."""
+
+    def rows_that_fit(self, share: float = 0.4) -> int:
+        """How many images the device may hold in flight within `share` of its free memory."""
+
+    def stream(self, items: Iterator[Prepared], spec: TaskSpec, rows: int, calm: threading.Event | None = None,
+               pace: Pace | None = None) -> Iterator[tuple[Prepared, Any]]:
+        """(item, started) as each item's answers end, `rows` images in flight; `items` is read as rows free,
+        while `pace` is ready."""
+
+    def finish(self, started: Any, spec: TaskSpec) -> Result:
+        """The item's record from what `stream` gave for it (CPU work, on the caller's thread)."""
+
+    def free_memory(self) -> None:
+        """After an out-of-memory error: give cached device memory back before retrying smaller."""
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -125,25 +92,27 @@ ACTIVATIONS_PER_ROW = 8 << 20
 
 class PipelineEngine:
     """The bundled PyTorch pipeline. The tokenizer and image settings load at once (workers need them); the
-    weights on first use (or `load`: a pipelined run loads them while its first images are prepared)."""
+    weights on first use (or `load`: a run loads them while its first images are prepared)."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
-                 options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None) -> None:
+                 options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None,
+                 refill_share: float | None = None) -> None:
         from kosmos2_cli.processing.processor import Kosmos2Processor
 
         self.folder = Path(folder)
         self.device = device
         self.dtype = dtype
-        self.options = options
+        self.options = options or GenerationOptions()
+        self.refill_share = refill_share  # None: the row scheduler's default
         check_model_folder(self.folder)
         with _loading(self.folder):
             self.processor = Kosmos2Processor.from_pretrained(self.folder)
-        self._kosmos = None
+        self._kosmos: Kosmos2 | None = None
         self._stream = None  # the side stream `collate` copies pixels to the GPU on (made on first use)
         self.on_load = on_load  # called with True before the weights load, False after
 
     @property
-    def kosmos(self):
+    def kosmos(self) -> Kosmos2:
         """The loaded pipeline (weights load on first use)."""
         if self._kosmos is None:
             from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
@@ -160,7 +129,6 @@ class PipelineEngine:
         return self._kosmos
 
     def load(self) -> None:
-        """Load the weights now (the runner does so on its model thread while the first images are prepared)."""
         _ = self.kosmos
 
     @property
@@ -186,8 +154,7 @@ class PipelineEngine:
         free, _ = torch.cuda.mem_get_info(device)
         if self._kosmos is None:
             free -= PARAMETERS * width
-        new_tokens = self.options.max_new_tokens if self.options else DEFAULT_NEW_TOKENS
-        slots = -(-(PROMPT_SLOTS + new_tokens) // 64) * 64  # as the decoder rounds its cache
+        slots = -(-(PROMPT_SLOTS + self.options.max_new_tokens) // 64) * 64  # as the decoder rounds its cache
         per_row = 2 * text.layers * text.embed_dim * slots * width + ACTIVATIONS_PER_ROW * width // 2
         return max(0, int(free * share) // per_row)
 
@@ -195,21 +162,18 @@ class PipelineEngine:
         return prepare_image(self.processor.image_processor, name, spec)
 
     def worker_setup(self) -> tuple[Callable, tuple]:
-        """(initializer, its arguments) for a worker process that prepares images as `prepare` does."""
-        return _init_worker, (self.folder,)
-
-    def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
-        return self.finish(self.start(batch, spec), spec)
+        return worker_setup(self.folder)
 
     def collate(self, batch: Sequence[Prepared]):
         """The batch's pixels as one tensor; bound for a GPU, already on their way there (`Staged`).
 
-        Done by the runner's thread while the model thread is busy with the previous batch: the pixels go into
-        page-locked memory and their copy to the GPU runs on a stream of its own, beside the previous batch's
-        work, instead of in front of this batch's image encoder (at 256 images, 154 MB each time).
+        Done off the model's thread: the pixels go into page-locked memory and their copy to the GPU runs on a
+        stream of its own, beside earlier work, instead of in front of the image encoder (at 256 images, 154 MB).
         """
         import numpy as np
         import torch
+
+        from kosmos2_cli.runtime.stager import Staged
 
         shape = (sum(item.inputs.shape[0] for item in batch), *batch[0].inputs.shape[1:])
         to_gpu = self.on_gpu and torch.cuda.is_available()
@@ -226,54 +190,46 @@ class PipelineEngine:
             self._stream = torch.cuda.Stream(resolve_device(self.device))
         return self._stream
 
-    def start(self, batch: Sequence[Prepared], spec: TaskSpec, pixels=None):
-        """The device's half of `infer` (image encoder, generation): may run on a thread of its own while the
-        previous batch `finish`es. `pixels`: `collate(batch)`, if already made."""
-        kosmos = self.kosmos
-        pixels = self.collate(batch) if pixels is None else pixels
-        embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
-        jobs = [job for index in range(len(batch)) for job in spec.jobs(index)]
-        return len(batch), kosmos.start([(item.name, item.image) for item in batch], jobs, image_embeds=embeds)
+    def stream(self, items: Iterator[Prepared], spec: TaskSpec, rows: int, calm: threading.Event | None = None,
+               pace: Pace | None = None) -> Iterator[tuple[Prepared, Started]]:
+        """Continuous batching (`Kosmos2.stream`), `rows` images in flight: the next refill's pixels are collated
+        and copied to the device on a thread of their own while the rows decode (`Stager`)."""
+        from kosmos2_cli.api.pipeline import Request
+        from kosmos2_cli.runtime.stager import Staged, Stager
 
-    def stream(self, items: Iterator[Prepared], spec: TaskSpec, rows: int,
-               calm: threading.Event | None = None) -> Iterator[tuple[Prepared, Any]]:
-        """Continuous batching (`Kosmos2.stream`): (item, started) for each item as its answers end; `finish`
-        turns `started` into the item's record. The next refill's pixels are collated and copied to the device
-        on a thread of their own while the rows decode (`_Stager`), once the refill is launched (`calm`)."""
         kosmos = self.kosmos
         calm = calm or threading.Event()
-        stager = _Stager(self.collate, items, calm)
+        stager = Stager(self.collate, items, calm)
+        jobs = spec.jobs(0)
 
-        def encoded(count: int):
-            parts = stager.take(count)
+        def take(count: int, wait: bool) -> list[Request] | None:
+            if pace is not None and not pace.ready(wait):
+                return []
+            parts = stager.take(-(-count // len(jobs)))
             if not parts:
-                return [], None
-            import torch
-
-            embeds = [kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels)
-                      for _, pixels in parts]
-            return [(item, item.name, item.image) for chunk, _ in parts for item in chunk], torch.cat(embeds)
+                return None
+            requests = []
+            for chunk, pixels in parts:
+                embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels).clone()
+                requests += [Request(item, item.name, item.image, list(jobs), row)
+                             for item, row in zip(chunk, embeds, strict=True)]
+            return requests
 
         try:
-            for item, started in kosmos.stream(encoded, spec.jobs(0), rows, calm=calm):
-                yield item, (1, started)
+            for started in kosmos.stream(take, rows * len(jobs), calm=calm, refill_share=self.refill_share):
+                yield started.key, started
         finally:
             stager.close()
 
-    def streams(self, spec: TaskSpec) -> bool:
-        """Can `stream` run this task with these options (one beam)?"""
-        return self.options is None or self.options.num_beams == 1
+    def finish(self, started: Started, spec: TaskSpec) -> Result:
+        return spec.record(self.kosmos.finish(started))
 
-    def finish(self, started, spec: TaskSpec) -> list[Result]:
-        """The CPU half of `infer`: decoding, post-processing, one record per image."""
-        count, pending = started
-        per_image: list[list[Result]] = [[] for _ in range(count)]
-        for job, result in zip(pending.jobs, self.kosmos.finish(pending), strict=True):
-            per_image[job.image_index].append(result)
-        return [spec.record(rows) for rows in per_image]
+    def infer(self, batch: Sequence[Prepared], spec: TaskSpec) -> list[Result]:
+        """One Result per prepared image, in order (a batch all at once: for callers with their own batching)."""
+        done = dict((id(item), started) for item, started in self.stream(iter(batch), spec, len(batch)))
+        return [self.finish(done[id(item)], spec) for item in batch]
 
     def free_memory(self) -> None:
-        """After an out-of-memory error: give cached device memory back before retrying smaller."""
         import gc
 
         import torch
@@ -281,106 +237,6 @@ class PipelineEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-class _Stager:
-    """Images for the next refill of rows, taken from `items` and collated (pixels on their way to the device) on
-    a thread of their own: a refill finds them ready instead of leaving the device idle while they are made.
-    After each `take(n)`, the next n are staged; a refill that wants fewer keeps the rest for later."""
-
-    def __init__(self, collate: Callable, items: Iterator[Prepared], calm: threading.Event) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.collate, self.items, self.calm = collate, items, calm
-        self.ready: deque[tuple[list[Prepared], Any]] = deque()
-        self.ahead = None
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kosmos2-stage")
-
-    def _stage(self, count: int, wait: bool = False) -> tuple[list[Prepared], Any]:
-        if wait:
-            self.calm.wait()
-        chunk = list(islice(self.items, count))
-        return chunk, (self.collate(chunk) if chunk else None)
-
-    def take(self, count: int) -> list[tuple[list[Prepared], Any]]:
-        """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order."""
-        if self.ahead is not None:
-            self.ready.append(self.ahead.result())
-            self.ahead = None
-        parts: list[tuple[list[Prepared], Any]] = []
-        have = 0
-        while have < count:
-            chunk, pixels = self.ready.popleft() if self.ready else self._stage(count - have)
-            if not chunk:
-                break
-            if have + len(chunk) > count:
-                keep = count - have
-                self.ready.appendleft((chunk[keep:], _rows(pixels, keep, None)))
-                chunk, pixels = chunk[:keep], _rows(pixels, 0, keep)
-            parts.append((chunk, pixels))
-            have += len(chunk)
-        if have == count:
-            self.ahead = self.pool.submit(self._stage, count, True)
-        return parts
-
-    def close(self) -> None:
-        """Wait for the staging in progress (it reads `items`, which its next user reads) and stop the thread."""
-        if self.ahead is not None:
-            try:
-                self.ahead.result()
-            except BaseException:  # noqa: S110 (the error belongs to images that will not be used now)
-                pass
-        self.pool.shutdown(wait=True)
-
-
-def _rows(pixels, start: int, stop: int | None):
-    """Images start:stop of collated pixels (staged on the device or not)."""
-    if isinstance(pixels, Staged):
-        return Staged(pixels.pixels[start:stop], pixels.ready)
-    return pixels[start:stop]
-
-
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(folder: Path) -> None:
-    from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
-
-    _die_with_parent()
-    _WORKER["image_processor"] = Kosmos2ImageProcessor.from_pretrained(folder)
-
-
-def _die_with_parent() -> None:
-    """A worker must not outlive a killed run (it would hold the run's output pipes open): on Linux the kernel
-    kills it with its parent; elsewhere a watchdog thread notices the parent is gone."""
-    import os
-    import signal
-    import sys
-    import threading
-    import time
-
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != parent:  # the parent died before the request took effect
-            os._exit(1)
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="kosmos2-parent-watch").start()
-
-
-def prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
-    """`prepare` in a worker process set up by `PipelineEngine.worker_setup`."""
-    return prepare_image(_WORKER["image_processor"], name, spec, keep_image)
 
 
 @contextmanager

@@ -1,10 +1,11 @@
-"""Running one task over many images: decoding on worker threads ahead of the model, batches on the device.
+"""Running one task over many images: preparation on workers ahead of the model, the model on a thread of its own.
 
-Images are prepared (decoded, turned upright, checked, preprocessed) by a small thread pool, a bounded number
-ahead, while the model works on the current batch; Pillow, NumPy and OpenCV release the GIL for that work.
-Outcomes come back in input order, one per image: a Result, or a Failure saying why that image could not be
-used. A batch that runs out of device memory is split in halves and retried, and the smaller batch size is
-kept for the rest of the run.
+Images are prepared (decoded, turned upright, checked, preprocessed) by a small pool, a bounded number ahead,
+while the model answers earlier ones; Pillow, NumPy and OpenCV release the GIL for that work. The model thread
+keeps `batch_size` images in flight (continuous batching: an image whose answers end makes room for the next),
+and this thread turns each answer into its record. Outcomes come back in input order, one per image: a Result,
+or a Failure saying why that image could not be used. Out of device memory, the images in flight start again
+with half as many rows, and the smaller size is kept for the rest of the run.
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ MAX_AUTO_BATCH = 256  # images: past this an H100 gains ~10% more images/s for t
 
 
 def default_batch_size(engine: Engine) -> int:
-    """Images per model call when the user gives none. On a GPU, the largest power of two up to MAX_AUTO_BATCH
+    """Images in flight when the user gives no number. On a GPU, the largest power of two up to MAX_AUTO_BATCH
     that fits the free memory (`rows_that_fit`; at least 8): on an H100 256 images a call run ~2x the images/s of
     64 in ~15 GB. A CPU gains little from larger batches: 8."""
-    if not getattr(engine, "on_gpu", False):
+    if not engine.on_gpu:
         return 8
-    fits = getattr(engine, "rows_that_fit", None)
     try:
-        rows = min(fits() if fits else 64, MAX_AUTO_BATCH)
+        rows = min(engine.rows_that_fit(), MAX_AUTO_BATCH)
     except (ValueError, RuntimeError):  # no usable GPU or dtype: the model's load says so in its own words
         rows = 64
     size = 8
@@ -87,13 +87,13 @@ def prepare_outcome(prepare: Callable, name: str, spec: TaskSpec, *args) -> Prep
 
 
 def _prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
-    from kosmos2_cli.runtime.engine import prepare_in_worker
+    from kosmos2_cli.runtime.prepare import prepare_in_worker
 
     return prepare_in_worker(name, spec, keep_image)
 
 
 class Runner:
-    """One task over a stream of image names, `batch_size` images per model call (None: `default_batch_size`)."""
+    """One task over a stream of image names, `batch_size` images in flight (None: `default_batch_size`)."""
 
     def __init__(self, engine: Engine, spec: TaskSpec, batch_size: int | None = None, workers: int | None = None,
                  prefetch: int | None = None, notice: Callable[[str], None] | None = None,
@@ -104,8 +104,7 @@ class Runner:
         self.engine = engine
         self.spec = spec
         self.batch_size = batch_size
-        # Processes only where the engine can set one up; `keep_images`: send the pictures back (to draw them).
-        self.processes = processes and hasattr(engine, "worker_setup")
+        self.processes = processes  # `keep_images`: send the pictures back from worker processes (to draw them)
         self.keep_images = keep_images
         self.workers = workers or (process_workers() if self.processes else default_workers())
         self.prefetch = prefetch or 2 * batch_size + self.workers
@@ -129,72 +128,20 @@ class Runner:
         return pool.submit(prepare_outcome, self.engine.prepare, name, self.spec)
 
     def run(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
-        """(outcome, upright image or None for a failure) in the order of `names`, as soon as its batch is done.
-
-        With an engine that splits `infer` into `start` (the device's half) and `finish` (the CPU's), batch k+1
-        starts on a model thread while batch k finishes here: the device does not wait for decoding and writing.
-        """
-        if _streams(self.engine, self.spec):
-            yield from self._run_stream(names)
-            return
-        pool = self._pool()
-        device = _ModelThread() if _pipelined(self.engine) else None
-        switch = sys.getswitchinterval()
-        if device is not None:
-            # The model thread launches a GPU step every few ms and needs the GIL for it: while this thread
-            # decodes and writes, hand the GIL over within 1 ms instead of Python's default 5.
-            sys.setswitchinterval(min(switch, 0.001))
-        if device is not None and hasattr(self.engine, "load"):
-            # Load the weights while the workers start and prepare the first batch (a load error surfaces
-            # again at the first batch; a run whose images all fail pays for the load).
-            device.submit(self.engine.load)
-        in_flight = None
-        pending: deque[Future] = deque()
-        upcoming = iter(names)
-
-        def refill() -> None:
-            while len(pending) < self.prefetch and (name := next(upcoming, None)) is not None:
-                pending.append(self._submit(pool, name))
-
-        try:
-            refill()
-            window: list[Prepared | Failure] = []
-            ready = 0
-            while pending:
-                window.append(pending.popleft().result())
-                ready += isinstance(window[-1], Prepared)
-                refill()
-                if ready >= self.batch_size or not pending or ready == 0:
-                    if device is None:
-                        yield from self._flush(window)
-                    else:
-                        started = self._start(device, window)
-                        if in_flight is not None:
-                            yield from self._finish(device, *in_flight)
-                        in_flight = started
-                    window, ready = [], 0
-            if in_flight is not None:
-                yield from self._finish(device, *in_flight)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-            if device is not None:
-                device.close()
-                sys.setswitchinterval(switch)
-
-    def _run_stream(self, names: Iterable[str]) -> Iterator[tuple[Outcome, Image.Image | None]]:
-        """Continuous batching: the model thread takes prepared images in input order as rows free up and hands
-        each image's answers back as they end; this thread finishes them (text, post-processing) and yields them
-        in input order."""
+        """(outcome, upright image or None for a failure) in the order of `names`, each as soon as it and those
+        before it are done. The weights load on the model thread while the first images are prepared."""
         pool = self._pool()
         done: queue.SimpleQueue = queue.SimpleQueue()
         feed = _Feed(self, pool, names, done)
-        feed.refill()  # the first images are prepared while the model loads
+        feed.refill()
         device = _ModelThread()
         switch = sys.getswitchinterval()
-        sys.setswitchinterval(min(switch, 0.001))  # see `run`: the model thread launches a step every few ms
+        # The model thread launches a GPU step every few ms and needs the GIL for it: while this thread finishes
+        # records, hand the GIL over within 1 ms instead of Python's default 5.
+        sys.setswitchinterval(min(switch, 0.001))
         calm = threading.Event()  # cleared while the model thread launches a refill: finishing waits then
         calm.set()
-        device.submit(self._serve, feed, done, calm)
+        device.submit(self._serve, feed, done, calm, feed.pace)
         try:
             ready: dict[int, tuple] = {}
             position = 0
@@ -205,32 +152,33 @@ class Runner:
                 ready[where] = (outcome, item)
                 while position in ready:
                     outcome, item = ready.pop(position)
-                    if isinstance(outcome, Failure):
-                        yield outcome, None
-                    else:
+                    if not isinstance(outcome, Failure):
                         calm.wait()
-                        yield self.engine.finish(outcome, self.spec)[0], item.image
+                        outcome = self.engine.finish(outcome, self.spec)
+                    feed.pace.taken()
+                    yield outcome, (None if isinstance(outcome, Failure) else item.image)
                     position += 1
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             device.close()
             sys.setswitchinterval(switch)
 
-    def _serve(self, feed: _Feed, done: queue.SimpleQueue, calm: threading.Event) -> None:
-        """The model thread's side of `_run_stream`. Out of device memory, the images in flight start again with
-        half the rows; an image that does not fit alone fails alone."""
+    def _serve(self, feed: _Feed, done: queue.SimpleQueue, calm: threading.Event, pace: Pace) -> None:
+        """The model thread: load, then answer the feed. Out of device memory, the images in flight start again
+        with half the rows; an image that does not fit alone fails alone."""
         try:
+            self.engine.load()
             rows = self.batch_size
             while True:
                 try:
-                    for item, started in self.engine.stream(feed.items(), self.spec, rows, calm):
-                        done.put((feed.finished(item), started, item))
+                    for item, started in self.engine.stream(feed.items(), self.spec, rows, calm, pace):
+                        feed.put(feed.finished(item), started, item)
                     break
                 except Exception as err:
                     self._recover(err)
                     if rows == 1 and feed.in_flight:
                         item = feed.oldest()
-                        done.put((feed.finished(item), self._too_big(item.name), None))
+                        feed.put(feed.finished(item), self._too_big(item.name), None)
                     elif rows > 1:
                         size = min(rows, len(feed.in_flight)) or rows
                         rows = max(1, size // 2)
@@ -243,83 +191,46 @@ class Runner:
         finally:
             calm.set()
 
-    def _start(self, device: _ModelThread, window: list[Prepared | Failure]):
-        batch = [item for item in window if isinstance(item, Prepared)]
-        future = None
-        if batch:
-            collate = getattr(self.engine, "collate", None)
-            args = (batch, self.spec) if collate is None else (batch, self.spec, collate(batch))
-            future = device.submit(self.engine.start, *args)
-        return window, batch, future
-
-    def _finish(self, device: _ModelThread, window: list[Prepared | Failure], batch: list[Prepared],
-                future: Future | None) -> Iterator[tuple[Outcome, Image.Image | None]]:
-        outcomes: list[Outcome] = []
-        if future is not None:
-            try:
-                outcomes = self.engine.finish(future.result(), self.spec)
-            except Exception as err:
-                if not is_out_of_memory(err):
-                    raise
-                # Split and retry on the model thread, so device work stays one call at a time.
-                outcomes = device.submit(self._infer, batch, err).result()
-        yield from _merge(window, outcomes)
-
-    def _flush(self, window: list[Prepared | Failure]) -> Iterator[tuple[Outcome, Image.Image | None]]:
-        batch = [item for item in window if isinstance(item, Prepared)]
-        yield from _merge(window, self._infer(batch))
-
-    def _infer(self, batch: list[Prepared], failed: BaseException | None = None) -> list[Outcome]:
-        """Outcomes of `batch`, splitting it while the device runs out of memory. `failed`: the first attempt, at
-        the whole batch, already did."""
-        outcomes: list[Outcome] = []
-        start = 0
-        while start < len(batch):
-            size = len(batch) if failed is not None else min(self.batch_size, len(batch) - start)
-            chunk = batch[start : start + size]
-            try:
-                if failed is not None:
-                    failed, err = None, failed
-                    raise err
-                outcomes += self.engine.infer(chunk, self.spec)
-            except Exception as err:
-                self._recover(err)
-                if size == 1:
-                    outcomes.append(self._too_big(chunk[0].name))
-                    start += 1
-                    continue
-                self.batch_size = max(1, size // 2)
-                self.notice(f"out of device memory with {size} images per batch; going on with {self.batch_size}")
-                continue
-            start += size
-        return outcomes
-
-
     def _recover(self, err: Exception) -> None:
         """Raise `err` unless the device ran out of memory; then give its cached memory back before a retry."""
         if not is_out_of_memory(err):
             raise err
-        free = getattr(self.engine, "free_memory", None)
-        if free:
-            free()
+        self.engine.free_memory()
 
     def _too_big(self, name: str) -> Failure:
-        return Failure(name, f"{name}: out of device memory even alone (try a lower --max-new-tokens, --num-beams 1 "
-                             "or --dtype float16)", self.spec.task)
-
-
-def _merge(window: list[Prepared | Failure], outcomes: list[Outcome]) -> Iterator[tuple[Outcome, Image.Image | None]]:
-    """The window in order: its failures as they are, its prepared images with their batch's outcomes."""
-    done = iter(outcomes)
-    for item in window:
-        if isinstance(item, Failure):
-            yield item, None
-        else:
-            outcome = next(done)
-            yield outcome, (item.image if isinstance(outcome, Result) else None)
+        return Failure(name, f"{name}: out of device memory even alone (try fewer new tokens, one beam or "
+                             "float16)", self.spec.task)
 
 
 _END = object()
+
+
+class Pace:
+    """How far the model may run ahead of the runner's thread: at most `limit` outcomes made and not yet taken
+    (a slow writer must not make every image of the input wait in memory)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ahead = 0
+        self._changed = threading.Condition()
+
+    def made(self) -> None:
+        with self._changed:
+            self.ahead += 1
+
+    def taken(self) -> None:
+        with self._changed:
+            self.ahead -= 1
+            self._changed.notify_all()
+
+    def ready(self, wait: bool) -> bool:
+        """May the model take new images? With `wait` (no row runs, so the runner can catch up), once it may."""
+        with self._changed:
+            while self.ahead >= self.limit:
+                if not wait:
+                    return False
+                self._changed.wait(0.2)
+            return True
 
 
 def _next_message(done: queue.SimpleQueue):
@@ -342,6 +253,12 @@ class _Feed:
         self.position = 0
         self.in_flight: dict[int, tuple[int, Prepared]] = {}  # id(item) -> (position, item), in input order
         self.again: deque[Prepared] = deque()
+        self.pace = Pace(runner.prefetch)
+
+    def put(self, position: int, outcome, item: Prepared | None) -> None:
+        """An outcome for the runner's thread, in its place."""
+        self.pace.made()
+        self.done.put((position, outcome, item))
 
     def refill(self) -> None:
         while len(self.pending) < self.runner.prefetch and (name := next(self.upcoming, None)) is not None:
@@ -358,7 +275,7 @@ class _Feed:
             outcome = _result(self.pending.popleft())
             position, self.position = self.position, self.position + 1
             if isinstance(outcome, Failure):
-                self.done.put((position, outcome, None))
+                self.put(position, outcome, None)
                 continue
             self.in_flight[id(outcome)] = (position, outcome)
             yield outcome
@@ -382,30 +299,6 @@ def _result(future: Future):
             return future.result(timeout=0.2)
         except TimeoutError:
             continue
-
-
-def _streams(engine: Engine, spec: TaskSpec) -> bool:
-    """Continuous batching (rows that end take the next image) with KOSMOS2_CONTINUOUS=on, where the engine offers
-    it for this task and options (one beam). Not the default yet: on an H100 it gains ~10% on answers of different
-    lengths in one process, but `kosmos2 batch` end to end is still a few percent slower than static batches
-    (benchmarks/RESULTS.md, fifth run)."""
-    if not hasattr(engine, "stream"):
-        return False
-    if os.environ.get("KOSMOS2_CONTINUOUS", "").strip().lower() != "on":
-        return False
-    streams = getattr(engine, "streams", None)
-    return streams(spec) if streams else True
-
-
-def _pipelined(engine: Engine) -> bool:
-    """Overlap batches (model thread + this one) where the engine allows it and it pays: on a GPU, where the
-    device would otherwise wait for decoding and writing. KOSMOS2_PIPELINE=on|off overrides."""
-    if not (hasattr(engine, "start") and hasattr(engine, "finish")):
-        return False
-    forced = os.environ.get("KOSMOS2_PIPELINE", "").strip().lower()
-    if forced in ("on", "off"):
-        return forced == "on"
-    return bool(getattr(engine, "on_gpu", False))
 
 
 class _ModelThread:

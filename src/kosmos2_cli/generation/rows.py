@@ -1,0 +1,299 @@
+"""The row scheduler: a fixed set of decoder rows, each taking the next prompt as soon as its answer ends.
+
+Every answer the pipeline makes with one beam goes through here: a batch of images (static batches are the case
+where rows refill only once all are free), a folder streamed through `kosmos2 batch`, and requests arriving at
+`kosmos2 serve`. Real answers end at different lengths; a static batch steps until its longest answer is done,
+while here the slots of finished rows in the key/value cache are refilled with new prompts (prefilled apart,
+then copied in), so each decode step carries up to `rows` answers. A row attends only over its own slots and its
+positions count its own tokens, so each answer is what its prompt gets alone. Each prompt brings its own cap,
+its own stop tokens (`ground` stops at `</object>`) and, if it likes, its own way of choosing tokens.
+
+On CUDA the host learns which rows ended from flags copied back behind each step, and reads those of the step
+`lookahead` steps back: the GPU always has queued work, and the schedule (which prompt takes which row, when)
+does not depend on timing, so sampling with a seed repeats.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kosmos2_cli.generation.decoder import LOOKAHEAD_CUDA, WINDOW, Decoder, image_block, left_align
+from kosmos2_cli.generation.sampling import Sampling
+from kosmos2_cli.model.cache import KVCache
+
+# In a long run, rows are refilled once this share of them is free (or none runs): prefilling a handful of
+# prompts at a time leaves a GPU mostly idle, while a quarter of a large batch prefills at nearly full efficiency.
+REFILL_SHARE = 0.25
+NO_TOKEN = -1  # fills the per-row stop table where a row has fewer extra stops
+
+
+@dataclass
+class Prompt:
+    """One prompt to answer: token ids, where the image goes, the image's embeddings; `tag` comes back with
+    the answer. `stops` end this answer beside the run's; `sampling` (None: the run's) chooses its tokens."""
+
+    tag: object
+    ids: list[int]
+    image_mask: list[int]
+    embeds: Tensor  # (image tokens, width) on the model's device
+    max_new_tokens: int | None = None  # this prompt's own cap, at most the run's
+    stops: tuple[int, ...] = ()
+    sampling: Sampling | None = None
+
+
+@dataclass
+class Answer:
+    tag: object
+    ids: list[int]  # the new tokens, the stop token included
+    logprobs: list[float]  # of each, under the distribution it was chosen from
+
+
+# admit(n, wait): up to n new prompts; [] when none is ready (wait=False), None when there will be no more.
+Admit = Callable[[int, bool], "list[Prompt] | None"]
+
+
+@torch.no_grad()
+def stream(model, admit: Admit, *, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int],
+           pad: int, sampling: Sampling | None = None, lookahead: int | None = None,
+           refill_share: float = REFILL_SHARE, calm: threading.Event | None = None,
+           cancelled: set | None = None) -> Iterator[Answer]:
+    """An Answer for every prompt `admit` hands over, in the order the answers end.
+
+    No prompt may be longer than `longest_prompt`; an answer ends with one of `stops` or of its prompt's own
+    (kept), or after its cap. `admit` is asked for prompts when rows are free (`refill_share` of them; 1: only
+    when all are, i.e. static batches), with `wait=True` when no row is busy. `lookahead`: steps the host reads
+    the flags behind (default: LOOKAHEAD_CUDA on CUDA, 0 elsewhere). `calm` is cleared while a refill is admitted
+    and launched (hundreds of kernels, each launch holding the GIL): threads that wait for it keep out of the way
+    then. Tags put into `cancelled` (by any thread) stop their rows at the next step; no answer comes for them.
+    """
+    if rows < 1 or max_new_tokens < 1:
+        raise ValueError("rows and max_new_tokens must be at least 1")
+    refill_at = max(1, min(rows, int(rows * refill_share)))
+    run = _Rows(model, rows, longest_prompt, max_new_tokens, stops, pad, sampling or Sampling(), lookahead,
+                refill_at, calm or threading.Event(), cancelled if cancelled is not None else set())
+    yield from run.loop(admit)
+
+
+class _Rows:
+    """The state of one run: device tensors per row, and the host's view of which row holds what."""
+
+    def __init__(self, model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int], pad: int,
+                 sampling: Sampling, lookahead: int | None, refill_at: int, calm: threading.Event,
+                 cancelled: set) -> None:
+        device = model.device
+        self.model, self.rows, self.pad, self.sampling = model, rows, pad, sampling
+        self.max_new, self.longest = max_new_tokens, longest_prompt
+        self.refill_at, self.calm, self.cancelled = refill_at, calm, cancelled
+        self.decoder = Decoder.for_model(model, rows, longest_prompt + max_new_tokens, device)
+        self.cache = self.decoder.cache
+        self.cache.reset()
+        self.cache.static = True  # fixed capacity: finished rows step in place until they are refilled
+        self.decoder.filled = self.cache.capacity  # attention reads every slot (masked): no row's own slot is cut
+        width = -(-longest_prompt // WINDOW) * WINDOW
+        self.scratch = KVCache.for_model(model.config.text_config, rows, width, device, model.cache_dtype)
+        self.stops = torch.tensor(sorted(set(stops)), dtype=torch.long, device=device)
+        self.own_stops = torch.full((rows, 1), NO_TOKEN, dtype=torch.long, device=device)  # each row's extra
+        self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+        self.logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
+        self.count = torch.zeros(rows, dtype=torch.long, device=device)  # tokens generated per row
+        self.limit = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # each row's cap
+        self.running = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.last = torch.full((rows,), pad, dtype=torch.long, device=device)  # each row's next input token
+        self.cuda = device.type == "cuda"
+        self.lookahead = (LOOKAHEAD_CUDA if self.cuda else 0) if lookahead is None else lookahead
+        # Each step's flags (running, count) are copied into a ring of host buffers, read `lookahead` steps later.
+        ring = self.lookahead + 2
+        pinned = self.cuda
+        self.ring = [(torch.empty(rows, dtype=torch.bool, pin_memory=pinned),
+                      torch.empty(rows, dtype=torch.long, pin_memory=pinned)) for _ in range(ring)]
+        self.events: list[torch.cuda.Event | None] = [None] * ring
+        self.steps = 0  # decode steps launched
+        self.read = 0  # steps whose flags the host has read
+        # The host's view: the tag each row answers (None: free), the first step whose flags speak for it, and
+        # the sampling of rows that choose their own way (by row).
+        self.tags: list[object | None] = [None] * rows
+        self.since = [0] * rows
+        self.samplings: dict[int, Sampling] = {}
+        self.groups: list[tuple[Sampling, Tensor]] | None = []  # rows by their own sampling (None: to rebuild)
+        self.harvests: deque[tuple[list[object], list[int], Tensor, Tensor, torch.cuda.Event | None]] = deque()
+
+    def loop(self, admit: Admit) -> Iterator[Answer]:
+        exhausted = False
+        while True:
+            self._drop_cancelled()
+            free = [r for r in range(self.rows) if self.tags[r] is None]
+            busy = self.rows - len(free)
+            if busy == 0:  # every answer out before waiting for new prompts (or ending)
+                yield from self._delivered(wait=True)
+                if exhausted:
+                    break
+            if not exhausted and free and (busy == 0 or len(free) >= self.refill_at):
+                self.calm.clear()
+                try:
+                    prompts = admit(len(free), busy == 0)
+                    exhausted = prompts is None
+                    if prompts:
+                        self._refill(free[: len(prompts)], prompts)
+                        busy += len(prompts)
+                finally:
+                    self.calm.set()
+            if busy == 0:
+                continue
+            self._step()
+            self._read_flags(self.steps - 1 - self.lookahead)
+            yield from self._delivered(wait=False)
+
+    def _refill(self, rows: list[int], prompts: list[Prompt]) -> None:
+        """Prefill `prompts` apart, copy their keys and values into `rows`, and choose their first tokens."""
+        device = self.tokens.device
+        longest = max(len(p.ids) for p in prompts)
+        if longest > self.longest:
+            raise ValueError(f"a prompt of {longest} tokens is longer than the {self.longest} this run allows")
+        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
+        valid = torch.zeros((len(prompts), longest), dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p.ids)] = torch.tensor(p.ids)
+            mask[i, : len(p.image_mask)] = torch.tensor(p.image_mask, dtype=torch.bool)
+            valid[i, : len(p.ids)] = True
+        embeds = torch.stack([p.embeds for p in prompts])
+        unpadded = bool(valid.all())
+        image_start = image_block(mask, embeds.shape[1]) if unpadded else None
+        if not unpadded:
+            ids, mask, valid = left_align(valid, ids, mask, valid)
+        scratch = self.scratch.head(len(prompts))
+        scratch.reset()
+        logits = self.model.prefill(ids.to(device), scratch, attention_mask=valid.to(device), image_embeds=embeds,
+                                    image_embeds_position_mask=mask.to(device), unpadded=unpadded,
+                                    image_start=image_start)
+        index = torch.tensor(rows, device=device)
+        self.cache.load_rows(index, scratch)
+        extra = max((len(p.stops) for p in prompts), default=0)
+        if extra > self.own_stops.shape[1]:
+            wider = torch.full((self.rows, extra), NO_TOKEN, dtype=torch.long, device=device)
+            wider[:, : self.own_stops.shape[1]] = self.own_stops
+            self.own_stops = wider
+        table = torch.full((len(prompts), self.own_stops.shape[1]), NO_TOKEN, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            table[i, : len(p.stops)] = torch.tensor(p.stops, dtype=torch.long)
+        self.own_stops[index] = table.to(device)
+        for row, prompt in zip(rows, prompts, strict=True):
+            self.tags[row], self.since[row] = prompt.tag, self.steps
+            if prompt.sampling is not None or row in self.samplings:
+                self.groups = None
+            if prompt.sampling is not None:
+                self.samplings[row] = prompt.sampling
+            else:
+                self.samplings.pop(row, None)
+        first, logprob = self._pick(logits, index)
+        self.tokens.index_fill_(0, index, self.pad)
+        self.tokens[index, 0] = first
+        self.logprobs[index, 0] = logprob
+        self.count.index_fill_(0, index, 1)
+        limits = [min(p.max_new_tokens or self.max_new, self.max_new) for p in prompts]
+        self.limit[index] = torch.tensor(limits, device=device)
+        self.running[index] = ~self._ends(first, index) & (self.limit[index] > 1)
+        self.last[index] = first
+
+    def _pick(self, logits: Tensor, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Tokens and log-probabilities for `logits` of `rows` (all rows when None): the run's sampling, then
+        each row group with a sampling of its own."""
+        tokens, logprobs = self.sampling.pick(logits)
+        if not self.samplings:
+            return tokens, logprobs
+        for sampling, members in self._groups():
+            if rows is not None:  # positions within `rows` of the group's members
+                members = (rows[:, None] == members[None, :]).any(1).nonzero().flatten()
+                if members.numel() == 0:
+                    continue
+            own, own_logprobs = sampling.pick(logits.index_select(0, members))
+            tokens, logprobs = tokens.index_copy(0, members, own), logprobs.index_copy(0, members, own_logprobs)
+        return tokens, logprobs
+
+    def _groups(self) -> list[tuple[Sampling, Tensor]]:
+        if self.groups is None:
+            by: dict[int, tuple[Sampling, list[int]]] = {}
+            for row, sampling in self.samplings.items():
+                by.setdefault(id(sampling), (sampling, []))[1].append(row)
+            device = self.tokens.device
+            self.groups = [(s, torch.tensor(members, device=device)) for s, members in by.values()]
+        return self.groups
+
+    def _ends(self, chosen: Tensor, rows: Tensor | None = None) -> Tensor:
+        own = self.own_stops if rows is None else self.own_stops[rows]
+        return torch.isin(chosen, self.stops) | (chosen[:, None] == own).any(1)
+
+    def _step(self) -> None:
+        logits = self.decoder.step(self.last, ~self.running)
+        picked, logprob = self._pick(logits)
+        chosen = torch.where(self.running, picked, self.pad)
+        rows = torch.arange(self.rows, device=chosen.device)
+        at = self.count.clamp(max=self.max_new - 1)  # a row that used its last token keeps it there
+        self.tokens[rows, at] = torch.where(self.running, chosen, self.tokens[rows, at])
+        self.logprobs[rows, at] = torch.where(self.running, logprob, self.logprobs[rows, at])
+        self.count += self.running
+        self.running &= ~self._ends(chosen) & (self.count < self.limit)
+        self.last = chosen
+        slot = self.steps % len(self.ring)
+        running, count = self.ring[slot]
+        running.copy_(self.running, non_blocking=self.cuda)
+        count.copy_(self.count, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[slot] = torch.cuda.Event()
+            self.events[slot].record()
+        self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        """Rows whose tags were cancelled stop now and are free; their answers are never delivered."""
+        if not self.cancelled:
+            return
+        gone = [r for r, tag in enumerate(self.tags) if tag is not None and tag in self.cancelled]
+        if gone:
+            self.running[torch.tensor(gone, device=self.running.device)] = False
+            for r in gone:
+                self.cancelled.discard(self.tags[r])
+                self.tags[r] = None
+
+    def _read_flags(self, upto: int) -> None:
+        """Learn which rows had ended by step `upto`, free them, and start copying their answers back."""
+        while self.read <= upto:
+            slot = self.read % len(self.ring)
+            if self.events[slot] is not None:
+                self.events[slot].synchronize()
+            running, count = (flags.tolist() for flags in self.ring[slot])
+            ended = [r for r in range(self.rows)
+                     if not running[r] and self.tags[r] is not None and self.since[r] <= self.read]
+            if ended:
+                self._harvest(ended, [count[r] for r in ended])
+            self.read += 1
+
+    def _harvest(self, ended: list[int], lengths: list[int]) -> None:
+        """Copy the ended rows' answers to the host behind the queued steps (a refill of the rows comes after)."""
+        index = torch.tensor(ended, device=self.tokens.device)
+        answers, logprobs = self.tokens.index_select(0, index), self.logprobs.index_select(0, index)
+        event = None
+        if self.cuda:
+            host = torch.empty(answers.shape, dtype=answers.dtype, pin_memory=True)
+            host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host.copy_(answers, non_blocking=True)
+            host_logprobs.copy_(logprobs, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            answers, logprobs = host, host_logprobs
+        self.harvests.append(([self.tags[r] for r in ended], lengths, answers, logprobs, event))
+        for r in ended:
+            self.tags[r] = None
+
+    def _delivered(self, wait: bool) -> Iterator[Answer]:
+        while self.harvests and (wait or self.harvests[0][4] is None or self.harvests[0][4].query()):
+            tags, lengths, answers, logprobs, event = self.harvests.popleft()
+            if event is not None:
+                event.synchronize()
+            for tag, length, row, scores in zip(tags, lengths, answers.tolist(), logprobs.tolist(), strict=True):
+                yield Answer(tag, row[:length], scores[:length])

@@ -1,0 +1,96 @@
+"""Pixels for the next refill of decoder rows, collated and on their way to the GPU before the refill asks."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+from kosmos2_cli.runtime.prepare import Prepared
+
+
+@dataclass
+class Staged:
+    """Pixels copied to the GPU on a side stream; `take` them on the stream that will use them."""
+
+    pixels: Any
+    ready: Any
+
+    @classmethod
+    def copy(cls, pinned, stream) -> Staged:
+        import torch
+
+        with torch.cuda.stream(stream):
+            pixels = pinned.to(stream.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return cls(pixels, ready)
+
+    def take(self):
+        """The pixels, once the current stream has waited (on the GPU, not here) for their copy."""
+        import torch
+
+        current = torch.cuda.current_stream(self.pixels.device)
+        current.wait_event(self.ready)
+        self.pixels.record_stream(current)  # freed later on this stream: not reused before it is done with them
+        return self.pixels
+
+
+class Stager:
+    """Images for the next refill of rows, taken from `items` and collated (pixels on their way to the device) on
+    a thread of their own: a refill finds them ready instead of leaving the device idle while they are made.
+    After each `take(n)`, the next n are staged; a refill that wants fewer keeps the rest for later."""
+
+    def __init__(self, collate: Callable, items: Iterator[Prepared], calm: threading.Event) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.collate, self.items, self.calm = collate, items, calm
+        self.ready: deque[tuple[list[Prepared], Any]] = deque()
+        self.ahead = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="kosmos2-stage")
+
+    def _stage(self, count: int, wait: bool = False) -> tuple[list[Prepared], Any]:
+        if wait:
+            self.calm.wait()
+        chunk = list(islice(self.items, count))
+        return chunk, (self.collate(chunk) if chunk else None)
+
+    def take(self, count: int) -> list[tuple[list[Prepared], Any]]:
+        """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order."""
+        if self.ahead is not None:
+            self.ready.append(self.ahead.result())
+            self.ahead = None
+        parts: list[tuple[list[Prepared], Any]] = []
+        have = 0
+        while have < count:
+            chunk, pixels = self.ready.popleft() if self.ready else self._stage(count - have)
+            if not chunk:
+                break
+            if have + len(chunk) > count:
+                keep = count - have
+                self.ready.appendleft((chunk[keep:], _rows(pixels, keep, None)))
+                chunk, pixels = chunk[:keep], _rows(pixels, 0, keep)
+            parts.append((chunk, pixels))
+            have += len(chunk)
+        if have == count:
+            self.ahead = self.pool.submit(self._stage, count, True)
+        return parts
+
+    def close(self) -> None:
+        """Wait for the staging in progress (it reads `items`, which its next user reads) and stop the thread."""
+        if self.ahead is not None:
+            try:
+                self.ahead.result()
+            except BaseException:  # noqa: S110 (the error belongs to images that will not be used now)
+                pass
+        self.pool.shutdown(wait=True)
+
+
+def _rows(pixels, start: int, stop: int | None):
+    """Images start:stop of collated pixels (staged on the device or not)."""
+    if isinstance(pixels, Staged):
+        return Staged(pixels.pixels[start:stop], pixels.ready)
+    return pixels[start:stop]
