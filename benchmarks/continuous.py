@@ -5,7 +5,7 @@
 
 Random weights never end an answer, so each image gets its own cap (`Prompt.max_new_tokens`), drawn uniformly
 from 8 to 64 tokens (seed 0): the spread real captions have. The same images (random pixels, encoded a refill at
-a time, as `kosmos2 batch` does) go through `continuous.stream` twice: refilling rows as answers end (the
+a time, as `kosmos2 batch` does) go through `rows.stream` twice: refilling rows as answers end (the
 default: once a quarter of the rows is free), and refilling only when every row is free (static batches, as
 `generate` on one batch after another, finished rows skipping attention). Then both again with every answer
 forced to 64 tokens, where they should tie. Prints one table; `--out` writes it as JSON.
@@ -40,8 +40,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from kosmos2_cli import Kosmos2ForConditionalGeneration, Kosmos2Processor
-    from kosmos2_cli.generation.continuous import Prompt, stream
-    from kosmos2_cli.generation.generate import encode_images
+    from kosmos2_cli.generation.decoder import encode_images
+    from kosmos2_cli.generation.rows import Prompt, stream
 
     folder = args.model or full_size_checkpoint(args.weights)
     device = torch.device(args.device)
@@ -59,11 +59,11 @@ def main() -> None:
         """Seconds for every image's answer."""
         given = 0
 
-        def admit(count: int) -> list[Prompt]:
+        def admit(count: int, wait: bool) -> list[Prompt] | None:
             nonlocal given
             count = min(count, len(caps) - given)
             if count == 0:
-                return []
+                return None
             embeds = encode_images(model, pixels[:count]).clone()
             made = [Prompt(given + i, ids, mask, embeds[i], caps[given + i]) for i in range(count)]
             given += count
@@ -73,7 +73,7 @@ def main() -> None:
         start = time.perf_counter()
         answers = stream(model, admit, rows=args.rows, longest_prompt=len(ids), max_new_tokens=NEW_TOKENS,
                          stops=[text.eos_token_id], pad=text.pad_token_id, refill_share=share)
-        lengths = [len(answer) for _, answer in answers]
+        lengths = [len(answer.ids) for answer in answers]
         sync()
         seconds = time.perf_counter() - start
         assert len(lengths) == len(caps), "an image was not answered"

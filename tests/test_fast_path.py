@@ -226,3 +226,19 @@ def test_layer_norm_kernel_with_l2_normalize_equals_pytorch():
     want = torch.nn.functional.normalize(norm(x), dim=-1)
     got = kernels.layer_norm(x, norm.weight, norm.bias, norm.eps, l2_normalize=True)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels run on CUDA only")
+def test_argmax_log_softmax_kernel_equals_pytorch():
+    """Greedy picks with their log-probability in one pass: PyTorch's argmax (the first of equal maxima) and
+    log_softmax of the float32 logits at it, for bf16 and fp32 logits, ties and a vocabulary not a multiple of
+    the block."""
+    kernels = pytest.importorskip("kosmos2_cli.fast.kernels")
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        logits = (torch.randn(37, 65037, device="cuda") * 4).to(dtype)
+        logits[3, 100] = logits[3, 60000] = logits[3].max() + 1  # a tie: the first index wins
+        tokens, logprobs = kernels.argmax_log_softmax(logits)
+        assert torch.equal(tokens, logits.argmax(-1))
+        want = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)
+        torch.testing.assert_close(logprobs, want, atol=1e-5, rtol=1e-5)
