@@ -3,6 +3,11 @@ reads the checkpoint with 1-16 threads.
 
 `PYTHONPATH=src python benchmarks/startup.py --weights DIR [--reads]` (CUDA only; DIR: a full-size checkpoint,
 e.g. the one benchmarks/gpu.py builds). Run it twice: the first run also fills Triton's kernel cache.
+
+`--batch N`: `kosmos2 batch` over N generated 640x480 JPEGs, phase by phase (the package's start-up marks,
+KOSMOS2_MARKS), twice in new processes: first with an empty Triton cache (a machine that never ran it; Python's
+bytecode compiled, as a pip install leaves it), then again (a machine that has). Prints, for each run, when each
+phase was reached, the first record, the wall clock and the steady rate.
 """
 
 from __future__ import annotations
@@ -148,8 +153,66 @@ def reads() -> dict:
     return out
 
 
+def batch_startup(count: int) -> dict:
+    """Two `kosmos2 batch` runs over `count` JPEGs (fresh Triton cache, then warm): marks, first record, rates."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from gpu import NEW_TOKENS, fill_bytecode_cache, make_jpegs, subprocess_env
+
+    work = ARGS.weights.parent
+    images = work / f"kosmos2-e2e-{count}"
+    make_jpegs(images, count)
+    fill_bytecode_cache(work, {})
+    triton = Path(tempfile.mkdtemp(prefix="triton-fresh-"))
+    out: dict = {"images": count}
+    for run in ("fresh", "warm"):
+        records = work / "startup-batch.jsonl"
+        marks = work / f"startup-marks-{run}.jsonl"
+        records.unlink(missing_ok=True)
+        marks.unlink(missing_ok=True)
+        env = {**subprocess_env(work), "TRITON_CACHE_DIR": str(triton), "KOSMOS2_MARKS": str(marks)}
+        env.update(ARGS.env)
+        command = [sys.executable, "-m", "kosmos2_cli", "batch", str(images), "-o", str(records), "--model",
+                   str(ARGS.weights), "--max-new-tokens", str(NEW_TOKENS), "--json", "--quiet"]
+        t0 = time.time()
+        env["KOSMOS2_T0"] = repr(t0)
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        progress = []
+        while child.poll() is None:
+            time.sleep(0.05)
+            if records.exists():
+                progress.append((time.time() - t0, records.read_bytes().count(b"\n")))
+        wall = time.time() - t0
+        _, stderr = child.communicate()
+        done = records.read_text().count("\n") if records.exists() else 0
+
+        def at(n: int, progress=progress) -> float:
+            return next(t for t, k in progress if k >= max(1, n))
+
+        phases = [json.loads(line) for line in marks.read_text().splitlines()] if marks.exists() else []
+        out[run] = {"exit": child.returncode, "records": done, "wall_s": round(wall, 3),
+                    "images_per_s_wall": round(done / wall, 1), "first_record_s": round(at(1), 3),
+                    "images_per_s_steady": round(0.8 * count / (at(int(0.9 * count)) - at(int(0.1 * count))), 1),
+                    "marks": phases, "stderr": stderr[-1500:] if child.returncode else ""}
+        print(f"\n{run}: first record {out[run]['first_record_s']} s, wall {wall:.2f} s "
+              f"({out[run]['images_per_s_wall']} images/s), steady {out[run]['images_per_s_steady']} images/s",
+              flush=True)
+        for line in phases:
+            detail = f"  ({line['detail']})" if "detail" in line else ""
+            print(f"  {line['s']:8.3f} s  {line['phase']}{detail}  [{line['thread']}]")
+    shutil.rmtree(triton, ignore_errors=True)
+    os.environ.pop("KOSMOS2_MARKS", None)
+    return out
+
+
 def main() -> None:
-    if ARGS.reads:
+    if ARGS.batch:
+        result = {"batch": batch_startup(ARGS.batch)}
+    elif ARGS.reads:
         result = {"reads": reads()}
     else:
         micro() if ARGS.micro else phases()
@@ -168,5 +231,8 @@ if __name__ == "__main__":
     parser.add_argument("--reads", action="store_true", help="time the checkpoint reader instead")
     parser.add_argument("--micro", action="store_true", help="first calls of each library, one at a time")
     parser.add_argument("--context-first", action="store_true", help="create the CUDA context before loading")
+    parser.add_argument("--batch", type=int, default=0, metavar="N", help="kosmos2 batch start-up over N JPEGs")
+    parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="for --batch's processes")
     ARGS = parser.parse_args()
+    ARGS.env = dict(item.split("=", 1) for item in ARGS.env)
     main()

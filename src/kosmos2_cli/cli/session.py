@@ -30,10 +30,13 @@ def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
 def open_engine(settings: Settings, reporter: Reporter):
     """The engine for the settings: device and dtype checked, model found (downloaded once), tokenizer loaded."""
     from kosmos2_cli.fast import early
+    from kosmos2_cli.fast.marks import mark
 
     early.start_cuda(settings.device)  # the GPU's driver starts while torch is imported
     from kosmos2_cli.model.devices import resolve_device, resolve_dtype
     from kosmos2_cli.runtime.engine import ModelLoadError, PipelineEngine
+
+    mark("engine: imports done")
 
     try:
         device = resolve_device(settings.device)
@@ -42,7 +45,9 @@ def open_engine(settings: Settings, reporter: Reporter):
         raise CliError(str(err)) from err
     folder = find_model(settings.model, settings.revision, reporter)
     try:
-        return PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share())
+        engine = PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share())
+        mark("engine: tokenizer loaded")
+        return engine
     except ModelLoadError as err:
         raise CliError(str(err), ExitCode.MODEL) from err
 

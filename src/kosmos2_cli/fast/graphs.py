@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from kosmos2_cli.fast.marks import mark
+
 
 class Graphed:
     """`fn(*tensors)` replayed from a CUDA graph captured for each distinct input shape.
@@ -52,6 +54,8 @@ class Graphed:
         return output
 
     def _capture(self, tensors: tuple[Tensor, ...]):
+        name = getattr(self.fn, "__name__", "fn")
+        mark(f"capture {name} {_shapes(tensors)}")
         inputs = [t.clone() for t in tensors]
         state = self.save()
         stream = torch.cuda.Stream()
@@ -71,4 +75,9 @@ class Graphed:
             self.restore(state)
             return None
         self.restore(state)
+        mark(f"captured {name} {_shapes(tensors)}")
         return graph, inputs, output
+
+
+def _shapes(tensors) -> str:
+    return " ".join("x".join(map(str, t.shape)) if isinstance(t, Tensor) else "-" for t in tensors)

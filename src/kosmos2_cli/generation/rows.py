@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kosmos2_cli.fast.marks import mark
 from kosmos2_cli.generation.decoder import LOOKAHEAD_CUDA, WINDOW, Decoder, image_block, left_align
 from kosmos2_cli.generation.sampling import Sampling
 from kosmos2_cli.model.cache import KVCache
@@ -141,6 +142,7 @@ class _Rows:
                     if prompts:
                         self._refill(free[: len(prompts)], prompts)
                         busy += len(prompts)
+                        mark("first refill launched", len(prompts))
                 finally:
                     self.calm.set()
             if busy == 0:
@@ -295,5 +297,6 @@ class _Rows:
             tags, lengths, answers, logprobs, event = self.harvests.popleft()
             if event is not None:
                 event.synchronize()
+            mark("first answers read")
             for tag, length, row, scores in zip(tags, lengths, answers.tolist(), logprobs.tolist(), strict=True):
                 yield Answer(tag, row[:length], scores[:length])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.results import Result
 from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.fast.marks import mark
 from kosmos2_cli.runtime.prepare import Picture, Prepared, prepare_image, worker_setup
 
 if TYPE_CHECKING:
@@ -120,9 +121,11 @@ class PipelineEngine:
 
             if self.on_load:
                 self.on_load(True)
+            mark("weights: loading")
             with _loading(self.folder):
                 model = Kosmos2ForConditionalGeneration.from_pretrained(self.folder, device=self.device,
                                                                         dtype=self.dtype)
+            mark("weights: loaded")
             self._kosmos = Kosmos2(model, self.processor, self.options)
             if self.on_load:
                 self.on_load(False)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from kosmos2_cli.api.results import Failure, Result
 from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.fast.marks import mark
 from kosmos2_cli.runtime.engine import Engine, Prepared, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ def default_batch_size(engine: Engine) -> int:
         rows = min(engine.rows_that_fit(), MAX_AUTO_BATCH)
     except (ValueError, RuntimeError):  # no usable GPU or dtype: the model's load says so in its own words
         rows = 64
+    mark("batch size chosen")
     size = 8
     while size * 2 <= rows:
         size *= 2
@@ -156,6 +158,7 @@ class Runner:
                         calm.wait()
                         outcome = self.engine.finish(outcome, self.spec)
                     feed.pace.taken()
+                    mark("first outcome")
                     yield outcome, (None if isinstance(outcome, Failure) else item.image)
                     position += 1
         finally:
@@ -278,6 +281,7 @@ class _Feed:
                 self.put(position, outcome, None)
                 continue
             self.in_flight[id(outcome)] = (position, outcome)
+            mark("first image prepared")
             yield outcome
 
     def finished(self, item: Prepared) -> int:

@@ -25,6 +25,7 @@ from kosmos2_cli.cli.common import exit_with, task_spec
 from kosmos2_cli.cli.errors import CliError, ExitCode
 from kosmos2_cli.cli.options import Settings, with_options
 from kosmos2_cli.cli.render import Reporter
+from kosmos2_cli.fast.marks import mark
 
 
 class Task(str, Enum):
@@ -110,6 +111,7 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
     from kosmos2_cli.cli.session import expand
     from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
 
+    mark("batch: command parsed")
     reporter = Reporter(json_mode=False, quiet=settings.quiet)
     for warning in settings.check():
         reporter.warning(warning)
@@ -161,6 +163,7 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
                     reporter.error(outcome.error)
                 else:
                     results.write(outcome.to_dict())
+                    mark("first record written")
                     if painter is not None:
                         drawings.append(painter.submit(_draw, image, outcome, settings.annotate_dir))
                 summary.processed += 1
