@@ -143,7 +143,7 @@ def test_ground_exactly_with_not_found(trained_dir, image, lessons):
     assert not [e for e in record["entities"] if e["phrase"] not in record["found"]]
 
 
-def test_not_found_in_the_terminal(trained_dir):
+def test_not_found_and_scores_in_the_terminal(trained_dir):
     lesson = next(lesson for lesson in _lessons("ground") if not lesson.found)
     placed = next(other for other in _lessons("ground") if other.found and other.image == lesson.image)
     result = invoke(["ground", lesson.path, "-p", placed.phrase, "-p", lesson.phrase, "--model", trained_dir])
@@ -151,7 +151,8 @@ def test_not_found_in_the_terminal(trained_dir):
     row = next(line for line in result.stdout.splitlines() if lesson.phrase in line and "not found" in line)
     assert row
     box = to_pixels(trained.expected(placed).entities[0][2][0], *_size(placed))
-    assert any(line.split()[-4:] == [str(v) for v in box] for line in result.stdout.splitlines())
+    score = trained.box_scores(placed)[0][0]  # the reference's probability of the box's two tokens
+    assert any(line.split()[-5:] == [*(str(v) for v in box), f"{score:.2f}"] for line in result.stdout.splitlines())
 
 
 def test_drawn_boxes_are_where_the_json_says(trained_dir, tmp_path):

@@ -62,7 +62,7 @@ def entity_table(result: Result) -> Table | Text:
     table = Table(box=rich_box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold dim")
     table.add_column("", no_wrap=True)
     table.add_column("phrase")
-    for name in ("x1", "y1", "x2", "y2"):
+    for name in ("x1", "y1", "x2", "y2", "score"):
         table.add_column(name, justify="right", no_wrap=True)
     rows = 0
     by_phrase = {}
@@ -72,7 +72,7 @@ def entity_table(result: Result) -> Table | Text:
         for phrase, placed in (result.extra.get("found") or {}).items():
             if not placed:
                 table.add_row(Text("·", style="dim"), Text(phrase, style="dim"),
-                              Text("not found", style="italic red"), "", "", "")
+                              Text("not found", style="italic red"), "", "", "", "")
                 rows += 1
                 continue
             for index, entity in by_phrase.get(phrase, []):
@@ -87,10 +87,12 @@ def entity_table(result: Result) -> Table | Text:
 
 def _entity_rows(table: Table, index: int, entity) -> int:
     color = palette.color(index)
+    scores = entity.scores or []
     for n, box in enumerate(entity.boxes_px):
         swatch = Text("■", style=color) if n == 0 else Text("")
         phrase = Text(entity.phrase, style=f"bold {color}") if n == 0 else Text("")
-        table.add_row(swatch, phrase, *(str(v) for v in box))
+        score = f"{scores[n]:.2f}" if n < len(scores) and scores[n] is not None else ""
+        table.add_row(swatch, phrase, *(str(v) for v in box), score)
     return len(entity.boxes_px)
 
 
