@@ -180,7 +180,7 @@ def test_annotate_dir_is_written_and_never_read_back(model, mixed, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["-t", "caption", "-p", "x"], "--phrase do(es) not apply to --task caption"),
-    (["-t", "ground"], "ground needs at least one --phrase"),
+    (["-t", "ground"], "ground needs at least one phrase; give one with --phrase"),
     (["-t", "ask"], "ask needs a question"),
     (["-t", "refer", "--box", "1,2"], "must be four numbers"),
     (["-t", "caption", "--overwrite", "--retry-failed"], "do not go together"),

@@ -254,7 +254,7 @@ def test_annotate_dir(model, pics, tmp_path):
     (["refer", "{a}", "--box", "0,0,97,64"], ExitCode.FAILED, "box 0,0,97,64 is not inside the 96x64 image"),
     (["refer", "{a}", "--box", "0,0,1.2,1", "--normalized"], ExitCode.USAGE, "is not inside 0..1"),
     (["ground", "{a}", "-p", " "], ExitCode.USAGE, "the phrase is empty"),
-    (["ground", "{a}"], ExitCode.USAGE, "ground needs at least one --phrase"),
+    (["ground", "{a}"], ExitCode.USAGE, "ground needs at least one phrase; give one with --phrase"),
     (["ask", "{a}"], ExitCode.USAGE, "ask needs images and then a question"),
     (["ask", "{a}", "{b}"], ExitCode.USAGE, "the last argument must be the question"),
     (["caption", "{a}", "{b}", "--draw", "{folder}/x.png"], ExitCode.USAGE, "--draw writes one image"),

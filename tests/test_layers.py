@@ -7,6 +7,7 @@ arrow between two modules. The layers, from the top (README, "How it fits togeth
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,36 @@ def test_the_checker_sees_a_planted_upward_import(tmp_path):
     planted.write_text("def f():\n    from kosmos2_cli.cli.app import app\n")
     targets = _imports(planted, "kosmos2_cli.model.m")
     assert "kosmos2_cli.cli.app" in targets
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
+FRONT_ENDS = {"cli", "serve", "distributed", "train"}  # layers that have flags or a wire format of their own
+
+
+def _messages(path: Path) -> list[str]:
+    """The string constants of a module that are not docstrings (what its errors and warnings can say)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings]
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) in LAYERS and _layer(m) not in FRONT_ENDS))
+def test_lower_layers_name_no_command_line_flag(module):
+    """A script's user never typed `--model`: below the front ends, messages say what is wrong in plain words
+    and name what to change as `advice`, which the CLI turns into its flags (cli/errors.py ADVICE)."""
+    flagged = [text for text in _messages(MODULES[module]) if FLAG.search(text)]
+    assert not flagged, f"{module} names command-line flags in: {flagged}"
+
+
+def test_the_cli_words_the_lower_layers_advice():
+    from kosmos2_cli.api.prompts import PromptError
+    from kosmos2_cli.cli.errors import ADVICE, CliError
+
+    assert str(CliError.of(PromptError("ground needs at least one phrase", advice="phrase"))) == \
+        "ground needs at least one phrase; give one with --phrase"
+    assert str(CliError.of(ValueError("plain"))) == "plain"
+    assert all(FLAG.search(text) for key, text in ADVICE.items() if key != "download") and "--model" in \
+        ADVICE["download"]

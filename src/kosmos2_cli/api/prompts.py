@@ -14,6 +14,10 @@ TASKS = ("caption", "ground", "refer", "ask")
 class PromptError(ValueError):
     """A task argument that cannot become a prompt (empty phrase, bad box...)."""
 
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice  # what the caller can change, as a word the front end turns into its own terms
+
 
 def caption_prompt(detailed: bool = False) -> str:
     return DETAILED if detailed else CAPTION

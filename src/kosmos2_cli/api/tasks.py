@@ -55,13 +55,13 @@ class TaskSpec:
             return cls(task, question=" ".join(question.split()), prompt_texts=(built,))
         if task == "ground":
             if not phrases:
-                raise PromptError("ground needs at least one --phrase")
+                raise PromptError("ground needs at least one phrase", advice="phrase")
             built = [prompts.ground_prompt(p) for p in phrases]  # raises for an empty phrase
             # The same phrase twice would only repeat a row; keep the first.
             unique = dict.fromkeys(zip((" ".join(p.split()) for p in phrases), built, strict=True))
             return cls(task, phrases=tuple(p for p, _ in unique), prompt_texts=tuple(b for _, b in unique))
         if box is None:
-            raise PromptError("refer needs a --box x1,y1,x2,y2")
+            raise PromptError("refer needs a box x1,y1,x2,y2", advice="box")
         numbers = prompts.parse_box(box) if isinstance(box, str) else tuple(float(v) for v in box)
         if len(numbers) != 4:
             raise PromptError("a box needs four numbers x1,y1,x2,y2")
@@ -69,8 +69,8 @@ class TaskSpec:
         if not (x1 < x2 and y1 < y2):
             raise PromptError(f"box {_fmt(numbers)} needs x1 < x2 and y1 < y2")
         if min(numbers) < 0 or (normalized and max(numbers) > 1):
-            where = "0..1 (--normalized)" if normalized else "the image (pixels are 0 or more)"
-            raise PromptError(f"box {_fmt(numbers)} is not inside {where}")
+            where = "0..1 (normalized)" if normalized else "the image (pixels are 0 or more)"
+            raise PromptError(f"box {_fmt(numbers)} is not inside {where}", advice="normalized" if normalized else None)
         return cls(task, box=numbers, normalized=normalized)  # type: ignore[arg-type]
 
     def args(self) -> dict[str, Any]:

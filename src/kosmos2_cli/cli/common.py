@@ -26,7 +26,7 @@ def task_spec(task: str, **args: Any) -> TaskSpec:
     try:
         return TaskSpec.build(task, **args)
     except PromptError as err:
-        raise CliError(str(err)) from err
+        raise CliError.of(err) from err
 
 
 def run_and_exit(spec: TaskSpec, images: list[str], settings: Settings) -> None:

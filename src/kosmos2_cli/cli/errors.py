@@ -15,6 +15,19 @@ class ExitCode(IntEnum):
     TERMINATED = 143  # SIGTERM, handled as Ctrl-C
 
 
+# The lower layers say what is wrong in their own words and name what the caller can change (`advice`); the
+# command line says it in terms of its flags.
+ADVICE = {
+    "model": "--model takes a folder in the hub's layout, or a repo id",
+    "download": "run `kosmos2 download` where the network is available, or pass --model with a local folder",
+    "output": "choose another -o, or --overwrite to replace it",
+    "memory": "try --dtype float16, another --device, or free the GPU",
+    "phrase": "give one with --phrase",
+    "box": "give it with --box",
+    "normalized": "--normalized takes 0..1",
+}
+
+
 class CliError(Exception):
     """A user-facing failure: printed as one `error:` line, then the process exits with `code`."""
 
@@ -22,3 +35,9 @@ class CliError(Exception):
         super().__init__(message)
         self.code = code
         self.hint = hint
+
+    @classmethod
+    def of(cls, err: BaseException, code: ExitCode = ExitCode.USAGE) -> CliError:
+        """`err` from a lower layer, its advice put in the command line's words."""
+        advice = ADVICE.get(getattr(err, "advice", None) or "")
+        return cls(f"{err}; {advice}" if advice else str(err), code)

@@ -18,7 +18,7 @@ def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
     try:
         names = expand_inputs(inputs)
     except InputError as err:
-        raise CliError(str(err)) from err
+        raise CliError.of(err) from err
     if exclude is not None:
         root = exclude.resolve()
         names = [n for n in names if not Path(n).resolve().is_relative_to(root)]
@@ -42,14 +42,14 @@ def open_engine(settings: Settings, reporter: Reporter):
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
     except ValueError as err:
-        raise CliError(str(err)) from err
+        raise CliError.of(err) from err
     folder = find_model(settings.model, settings.revision, reporter)
     try:
         engine = PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share())
         mark("engine: tokenizer loaded")
         return engine
     except ModelLoadError as err:
-        raise CliError(str(err), ExitCode.MODEL) from err
+        raise CliError.of(err, ExitCode.MODEL) from err
 
 
 def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
@@ -71,7 +71,7 @@ def find_model(model: str, revision: str | None, reporter: Reporter) -> Path:
             disable_progress_bars()
         return resolve_model_dir(model, revision)
     except ModelNotFoundError as err:
-        raise CliError(str(err), ExitCode.MODEL) from err
+        raise CliError.of(err, ExitCode.MODEL) from err
 
 
 def refill_share() -> float | None:

@@ -46,7 +46,7 @@ def run_task(spec: TaskSpec, inputs: Sequence[str], settings: Settings) -> ExitC
                 for path in _drawing_paths(settings, outcome.image):
                     drawing_failed |= not _draw(image, outcome, path, reporter)
         except ModelLoadError as err:
-            raise CliError(str(err), ExitCode.MODEL) from err
+            raise CliError.of(err, ExitCode.MODEL) from err
     if failed and len(names) > 1:
         reporter.error(f"{failed} of {len(names)} images failed")
     return ExitCode.FAILED if failed or drawing_failed else ExitCode.OK
@@ -58,7 +58,7 @@ def _check_drawing_path(path: Path) -> None:
     try:
         check_output_path(path)
     except DrawError as err:
-        raise CliError(str(err)) from err
+        raise CliError.of(err) from err
 
 
 def _drawing_paths(settings: Settings, name: str) -> list[Path]:

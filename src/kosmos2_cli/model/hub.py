@@ -19,7 +19,11 @@ MODEL_FILES = [
 
 
 class ModelNotFoundError(RuntimeError):
-    """The model could not be found or fetched; the message says what to do."""
+    """The model could not be found or fetched; the message says what is wrong, `advice` what to change."""
+
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice  # what the caller can change, as a word the front end turns into its own terms
 
 
 def _looks_like_repo_id(name: str) -> bool:
@@ -43,7 +47,7 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, *, 
         return path
     name = str(name_or_path)
     if path.exists():
-        raise ModelNotFoundError(f"{name}: is a file; --model takes a model folder or a hub repo id")
+        raise ModelNotFoundError(f"{name}: is a file, not a model folder or a hub repo id", advice="model")
     if not _looks_like_repo_id(name):
         raise ModelNotFoundError(f"{name}: no such model folder (and not a hub repo id like {DEFAULT_MODEL})")
 
@@ -68,9 +72,7 @@ def resolve_model_dir(name_or_path: str | Path, revision: str | None = None, *, 
     except LocalEntryNotFoundError as err:
         how = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the hub could not be reached"
         raise ModelNotFoundError(
-            f"{name}: not in the local cache and {how}; run `kosmos2 download` where the network is available, "
-            "or pass --model with a local folder"
-        ) from err
+            f"{name}: not in the local cache and {how}", advice="download") from err
     except (HfHubHTTPError, OSError) as err:
         raise ModelNotFoundError(f"{name}: download failed ({err.__class__.__name__}: {err})") from err
     return Path(folder)

@@ -69,6 +69,10 @@ def is_out_of_memory(err: BaseException) -> bool:
 class ModelLoadError(Exception):
     """The model folder cannot be loaded; the message names the folder and what is wrong, on one line."""
 
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice  # what the caller can change, as a word the front end turns into its own terms
+
 
 def check_model_folder(folder: Path) -> None:
     """Raise ModelLoadError unless `folder` has the files of a Kosmos-2 checkpoint in the hub's layout."""
@@ -77,7 +81,7 @@ def check_model_folder(folder: Path) -> None:
         missing.append("model.safetensors")
     if len(missing) == 3:
         raise ModelLoadError(f"{folder}: not a model folder (no config.json, model.safetensors or "
-                             "sentencepiece.bpe.model: --model takes a folder in the hub's layout, or a repo id)")
+                             "sentencepiece.bpe.model)", advice="model")
     if missing:
         raise ModelLoadError(f"{folder}: incomplete model folder, missing {', '.join(missing)}")
 
@@ -252,7 +256,7 @@ def _loading(folder: Path) -> Iterator[None]:
         raise
     except (ValueError, OSError, RuntimeError) as err:
         if is_out_of_memory(err):
-            raise ModelLoadError(f"{folder}: the weights do not fit in the device's memory (try --dtype float16, "
-                                 "another --device, or free the GPU)") from err
+            raise ModelLoadError(f"{folder}: the weights do not fit in the device's memory",
+                                 advice="memory") from err
         message = " ".join(str(err).split())
         raise ModelLoadError(message if str(folder) in message else f"{folder}: {message}") from err

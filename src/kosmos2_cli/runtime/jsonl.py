@@ -17,6 +17,10 @@ from typing import Any
 class OutputFileError(ValueError):
     """The output file cannot be used (not ours, not writable, or in use by another run)."""
 
+    def __init__(self, message: str, advice: str | None = None) -> None:
+        super().__init__(message)
+        self.advice = advice  # what the caller can change, as a word the front end turns into its own terms
+
 
 class ResultsFile:
     """An open JSON-lines output: `done` holds the keys of its records, `failed` those of its error records."""
@@ -31,7 +35,7 @@ class ResultsFile:
         self.dropped = 0  # error records removed for --retry-failed
         self.written = 0
         if self.path.is_dir():
-            raise OutputFileError(f"{self.path}: is a directory; -o takes a file such as results.jsonl")
+            raise OutputFileError(f"{self.path}: is a directory, not a file such as results.jsonl")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
@@ -80,7 +84,7 @@ class ResultsFile:
                 record = _parse(line)
                 if record is None:
                     raise OutputFileError(f"{self.path}: line {number} is not a JSON record; not a kosmos2 output "
-                                          "file? (choose another -o, or --overwrite to replace it)")
+                                          "file?", advice="output")
                 self._remember(record)
         size = os.fstat(self._fd).st_size
         if size > good_end:

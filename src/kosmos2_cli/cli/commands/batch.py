@@ -123,7 +123,7 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
         results = ResultsFile(output, record_key, overwrite=overwrite,
                               retry_failed=(lambda record: record_key(record) in wanted) if retry_failed else None)
     except OutputFileError as err:
-        raise CliError(str(err)) from err
+        raise CliError.of(err) from err
     with results:
         if results.truncated:
             reporter.note(f"{output}: cut off a partial last line left by an interrupted run")
@@ -170,7 +170,7 @@ def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, repor
                 if progress is not None:
                     progress.advance(progress.task_ids[0])
     except ModelLoadError as err:
-        raise CliError(str(err), ExitCode.MODEL) from err
+        raise CliError.of(err, ExitCode.MODEL) from err
     except KeyboardInterrupt as err:
         summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
     finally:

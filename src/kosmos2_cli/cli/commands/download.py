@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from kosmos2_cli.cli.errors import ExitCode
+from kosmos2_cli.cli.errors import CliError, ExitCode
 from kosmos2_cli.model.hub import DEFAULT_MODEL
 
 
@@ -39,7 +39,7 @@ def download_model(model: str, revision: str | None = None, quiet: bool = False)
         try:
             check_model_folder(local)
         except ModelLoadError as problem:
-            err.print(Text.assemble(("error", "bold red"), f": {problem}"))
+            err.print(Text.assemble(("error", "bold red"), f": {CliError.of(problem)}"))
             return ExitCode.MODEL
         out.print(f"{model} is a local model folder; nothing to download")
         return ExitCode.OK
@@ -53,7 +53,7 @@ def download_model(model: str, revision: str | None = None, quiet: bool = False)
     try:
         folder = resolve_model_dir(model, revision)
     except ModelNotFoundError as problem:
-        err.print(Text.assemble(("error", "bold red"), f": {problem}"))
+        err.print(Text.assemble(("error", "bold red"), f": {CliError.of(problem)}"))
         return ExitCode.MODEL
     state = "already in the cache" if cached is not None and Path(cached) == Path(folder) else "downloaded"
     out.print(Text.assemble((f"{model}", "bold"), f" {state}: {folder} ({human_size(folder_size(folder))})"))
