@@ -67,6 +67,21 @@ def test_caption_exactly(trained_dir, lesson):
     assert (record["width"], record["height"]) == (width, height)
 
 
+@pytest.mark.parametrize("lesson", _lessons("caption")[:2], ids=lambda lesson: lesson.key)
+def test_beam_scores_are_the_returned_beams_probabilities(trained_dir, lesson):
+    """With beams, a box's score is the product of its two tokens' probabilities along the returned beam: the
+    reference's own transition scores for that beam (beam search's running sums play no part)."""
+    ids, probs = trained.beam_box_scores(lesson, num_beams=3)
+    [record] = _run(trained_dir, "caption", lesson.path, "--num-beams", "3")
+    processor = trained.reference_processor()
+    decoded = processor.batch_decode([ids], skip_special_tokens=True)[0]
+    assert record["raw"] == processor.post_process_generation(decoded, cleanup_and_extract=False)  # same beam
+    pairs = [a * b for a, b in zip(probs[0::2], probs[1::2], strict=True)]
+    ours = [score for entity in record["entities"] for score in entity["scores"]]
+    assert len(pairs) == len(ours) > 0
+    assert ours == pytest.approx(pairs, abs=SCORE_ATOL)
+
+
 def _answer_shift(caption: str, marker: str) -> int:
     """Where the answer starts in the reference's caption (after the prompt's words)."""
     cut = caption.index(marker) + len(marker)

@@ -354,6 +354,27 @@ def _box_scores(lesson: Lesson) -> list[list[float]]:
     return [[a * b for a, b in (next(pairs) for _ in boxes)] for _, _, boxes in expected(lesson).entities]
 
 
+def beam_box_scores(lesson: Lesson, num_beams: int) -> tuple[list[int], list[float]]:
+    """The reference's beam search on `lesson`'s prompt: the returned sequence's ids, and for each location token
+    of its answer (in order) the probability along the returned beam (`compute_transition_scores` of its own
+    `output_scores`: each step's log-softmax given the beam's earlier tokens)."""
+    import torch
+
+    inputs = prompt_inputs(lesson)
+    model = _reference_model()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, num_beams=num_beams,
+                             output_scores=True, return_dict_in_generate=True)
+        steps = model.compute_transition_scores(out.sequences, out.scores, out.beam_indices, normalize_logits=False)
+    ids = out.sequences[0].tolist()
+    prompt = inputs["input_ids"].shape[1]
+    tokenizer = reference_processor().tokenizer
+    patch = {tokenizer.convert_tokens_to_ids(f"<patch_index_{i:04d}>") for i in range(32 * 32)}
+    probs = [float(torch.exp(steps[0, at - prompt].float())) for at, token in enumerate(ids)
+             if at >= prompt and token in patch]
+    return ids, probs
+
+
 def _batch(lessons):
     """Left-padded inputs for `lessons`, labels on the answers only. Left padding puts every answer at the end,
     so the loss needs the logits of the last `keep` positions only (`logits_to_keep`, labels cut to match)."""
