@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kosmos2_cli.generation.generate as generation
+import kosmos2_cli.generation.decoder as generation
 from kosmos2_cli import Kosmos2ForConditionalGeneration
 from kosmos2_cli.fast.modules import FastAttention, FastDecoderLayer, FastVisionEmbeddings, patches_as_product
 

@@ -313,3 +313,52 @@ def test_prompts_may_arrive_while_rows_run(ours, prompts):
     for tag, answer in got:
         assert answer == trained.expected(trained.LESSONS[tag]).answer_ids
     assert waits[0] and not all(waits)
+
+
+class _GraphLike:
+    """What a CUDA graph does with `_Rows._advance`, on the CPU: the warm-up really runs (its effects undone by
+    restore), the capture runs nothing, and each replay runs the same kernels on the same memory. A step that
+    rebinds a tensor the graph would have read, or leaves the warm-up's effects behind, gives wrong answers here
+    as it would on CUDA."""
+
+    captures = 0
+
+    def __init__(self, fn, save, restore, max_graphs=1):
+        self.fn, self.save, self.restore = fn, save, restore
+        self.run = None
+
+    def __call__(self):
+        if self.run is None:
+            type(self).captures += 1
+            owner = self.fn.__self__
+            state = self.save()
+            self.fn()
+            self.restore(state)
+            self.run = {name: t.data_ptr() for name, t in vars(owner).items() if isinstance(t, torch.Tensor)}
+            self.output = self.fn()
+            return self.output
+        owner = self.fn.__self__
+        now = {name: t.data_ptr() for name, t in vars(owner).items() if isinstance(t, torch.Tensor)}
+        assert now == self.run, "a replayed step would read tensors that were replaced"
+        assert self.fn() is self.output
+        return self.output
+
+
+def test_a_step_replayed_as_a_graph_gives_every_answer(ours, prompts, monkeypatch):
+    """The greedy step is one CUDA graph: in place, same memory every step, warm-up undone; and the run (its
+    buffers and its graph) is kept for the next run of the same shape."""
+    import kosmos2_cli.generation.rows as rows_module
+
+    monkeypatch.setattr(rows_module, "Graphed", _GraphLike)
+    monkeypatch.setattr(rows_module._Rows, "_graphable",
+                        lambda self: not self.samplings and not self.sampling.do_sample)
+    ours.workspace.rows_run = None
+    _GraphLike.captures = 0
+    for _ in range(2):
+        got = _answers(ours, prompts, rows=5, lookahead=2)
+        assert sorted(tag for tag, _ in got) == list(range(len(prompts)))
+        for tag, answer in got:
+            assert answer == trained.expected(trained.LESSONS[tag]).answer_ids, trained.LESSONS[tag].key
+    assert _GraphLike.captures == 1  # the second run reused the first one's step
+    _answers(ours, prompts, rows=4)
+    assert _GraphLike.captures == 2  # another shape, another run

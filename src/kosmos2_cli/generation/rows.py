@@ -10,7 +10,9 @@ its own stop tokens (`ground` stops at `</object>`) and, if it likes, its own wa
 
 On CUDA the host learns which rows ended from flags copied back behind each step, and reads those of the step
 `lookahead` steps back: the GPU always has queued work, and the schedule (which prompt takes which row, when)
-does not depend on timing, so sampling with a seed repeats.
+does not depend on timing, so sampling with a seed repeats. Greedy steps (the decoder, the choice, each row's
+bookkeeping) replay as one CUDA graph: launched one by one, their ~30 small kernels each waited for Python's lock
+while `kosmos2 batch`'s other threads ran, and a step took longer on the host than on the GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kosmos2_cli.fast.graphs import Graphed
 from kosmos2_cli.fast.marks import mark
 from kosmos2_cli.generation.decoder import LOOKAHEAD_CUDA, WINDOW, Decoder, image_block, left_align
 from kosmos2_cli.generation.sampling import Sampling
@@ -32,6 +35,7 @@ from kosmos2_cli.model.cache import KVCache
 # prompts at a time leaves a GPU mostly idle, while a quarter of a large batch prefills at nearly full efficiency.
 REFILL_SHARE = 0.25
 NO_TOKEN = -1  # fills the per-row stop table where a row has fewer extra stops
+OWN_STOPS = 2  # room for each row's extra stops from the start (a wider table means a new step graph)
 
 
 @dataclass
@@ -76,50 +80,92 @@ def stream(model, admit: Admit, *, rows: int, longest_prompt: int, max_new_token
     if rows < 1 or max_new_tokens < 1:
         raise ValueError("rows and max_new_tokens must be at least 1")
     refill_at = max(1, min(rows, int(rows * refill_share)))
-    run = _Rows(model, rows, longest_prompt, max_new_tokens, stops, pad, sampling or Sampling(), lookahead,
-                refill_at, calm or threading.Event(), cancelled if cancelled is not None else set())
-    yield from run.loop(admit)
+    run = _Rows.for_model(model, rows, longest_prompt, max_new_tokens, stops, pad)
+    run.begin(sampling or Sampling(), lookahead, refill_at, calm or threading.Event(),
+              cancelled if cancelled is not None else set())
+    try:
+        yield from run.loop(admit)
+    finally:
+        run.busy = False
+
+
+def _key(model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int], pad: int) -> tuple:
+    return rows, longest_prompt, max_new_tokens, tuple(sorted(set(stops))), pad, model.device, model.cache_dtype
 
 
 class _Rows:
-    """The state of one run: device tensors per row, and the host's view of which row holds what."""
+    """The state of one run: device tensors per row, and the host's view of which row holds what.
 
-    def __init__(self, model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int], pad: int,
-                 sampling: Sampling, lookahead: int | None, refill_at: int, calm: threading.Event,
-                 cancelled: set) -> None:
+    Kept in the model's workspace and reused by the next run of the same shape, so that its step graph is
+    captured once per process, not once per `Kosmos2.caption` call."""
+
+    def __init__(self, model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int],
+                 pad: int) -> None:
         device = model.device
-        self.model, self.rows, self.pad, self.sampling = model, rows, pad, sampling
+        self.model, self.rows, self.pad = model, rows, pad
         self.max_new, self.longest = max_new_tokens, longest_prompt
-        self.refill_at, self.calm, self.cancelled = refill_at, calm, cancelled
+        self.key = _key(model, rows, longest_prompt, max_new_tokens, stops, pad)
         self.decoder = Decoder.for_model(model, rows, longest_prompt + max_new_tokens, device)
         self.cache = self.decoder.cache
-        self.cache.reset()
-        self.cache.static = True  # fixed capacity: finished rows step in place until they are refilled
-        self.decoder.filled = self.cache.capacity  # attention reads every slot (masked): no row's own slot is cut
         width = -(-longest_prompt // WINDOW) * WINDOW
         self.scratch = KVCache.for_model(model.config.text_config, rows, width, device, model.cache_dtype)
         self.stops = torch.tensor(sorted(set(stops)), dtype=torch.long, device=device)
-        self.own_stops = torch.full((rows, 1), NO_TOKEN, dtype=torch.long, device=device)  # each row's extra
+        self.own_stops = torch.full((rows, OWN_STOPS), NO_TOKEN, dtype=torch.long, device=device)  # each row's
         self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
         self.logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
         self.count = torch.zeros(rows, dtype=torch.long, device=device)  # tokens generated per row
         self.limit = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # each row's cap
         self.running = torch.zeros(rows, dtype=torch.bool, device=device)
         self.last = torch.full((rows,), pad, dtype=torch.long, device=device)  # each row's next input token
+        self.flags = torch.zeros((2, rows), dtype=torch.long, device=device)  # (running, count) after a step
+        self.at_rows = torch.arange(rows, device=device)
         self.cuda = device.type == "cuda"
+        self.graph: Graphed | None = None  # the greedy step as one CUDA graph (built on the first step)
+        self.ring: list[Tensor] = []
+        self.busy = False
+
+    @classmethod
+    def for_model(cls, model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int],
+                  pad: int) -> _Rows:
+        """The model's kept run of this shape while its decoder is still the model's, else a new one (kept)."""
+        space = model.workspace
+        kept = space.rows_run
+        if (kept is None or kept.busy or kept.key != _key(model, rows, longest_prompt, max_new_tokens, stops, pad)
+                or kept.decoder not in space.decoders.values()):
+            kept = cls(model, rows, longest_prompt, max_new_tokens, stops, pad)
+            if space.rows_run is None or not space.rows_run.busy:
+                space.rows_run = kept
+        else:
+            Decoder.for_model(model, rows, longest_prompt + max_new_tokens, model.device)  # most recently used
+        kept.busy = True
+        return kept
+
+    def begin(self, sampling: Sampling, lookahead: int | None, refill_at: int, calm: threading.Event,
+              cancelled: set) -> None:
+        """A new run: every row free, nothing pending."""
+        self.sampling, self.refill_at, self.calm, self.cancelled = sampling, refill_at, calm, cancelled
+        self.cache.reset()
+        self.cache.static = True  # fixed capacity: finished rows step in place until they are refilled
+        self.cache.window = self.cache.capacity  # attention reads every slot (masked): no row's own slot is cut
+        self.own_stops.fill_(NO_TOKEN)
+        self.tokens.fill_(self.pad)
+        self.logprobs.zero_()
+        self.count.zero_()
+        self.limit.fill_(self.max_new)
+        self.running.zero_()
+        self.last.fill_(self.pad)
         self.lookahead = (LOOKAHEAD_CUDA if self.cuda else 0) if lookahead is None else lookahead
         # Each step's flags (running, count) are copied into a ring of host buffers, read `lookahead` steps later.
         ring = self.lookahead + 2
-        pinned = self.cuda
-        self.ring = [(torch.empty(rows, dtype=torch.bool, pin_memory=pinned),
-                      torch.empty(rows, dtype=torch.long, pin_memory=pinned)) for _ in range(ring)]
+        if len(self.ring) != ring:
+            self.ring = [torch.empty((2, self.rows), dtype=torch.long, pin_memory=self.cuda) for _ in range(ring)]
         self.events: list[torch.cuda.Event | None] = [None] * ring
         self.steps = 0  # decode steps launched
         self.read = 0  # steps whose flags the host has read
         # The host's view: the tag each row answers (None: free), the first step whose flags speak for it, and
         # the sampling of rows that choose their own way (by row).
-        self.tags: list[object | None] = [None] * rows
-        self.since = [0] * rows
+        self.tags: list[object | None] = [None] * self.rows
+        self.since = [0] * self.rows
         self.samplings: dict[int, Sampling] = {}
         self.groups: list[tuple[Sampling, Tensor]] | None = []  # rows by their own sampling (None: to rebuild)
         self.harvests: deque[tuple[list[object], list[int], Tensor, Tensor, torch.cuda.Event | None]] = deque()
@@ -181,6 +227,7 @@ class _Rows:
             wider = torch.full((self.rows, extra), NO_TOKEN, dtype=torch.long, device=device)
             wider[:, : self.own_stops.shape[1]] = self.own_stops
             self.own_stops = wider
+            self.graph = None  # it read the old table
         table = torch.full((len(prompts), self.own_stops.shape[1]), NO_TOKEN, dtype=torch.long)
         for i, p in enumerate(prompts):
             table[i, : len(p.stops)] = torch.tensor(p.stops, dtype=torch.long)
@@ -232,24 +279,51 @@ class _Rows:
         return torch.isin(chosen, self.stops) | (chosen[:, None] == own).any(1)
 
     def _step(self) -> None:
-        logits = self.decoder.step(self.last, ~self.running)
+        if self._graphable():
+            if self.graph is None:
+                self.graph = Graphed(self._advance, self._save, self._restore, max_graphs=1)
+            flags = self.graph()
+        else:  # draws (a generator's state) and mixed samplings run eagerly
+            flags = self._advance()
+        slot = self.steps % len(self.ring)
+        self.ring[slot].copy_(flags, non_blocking=self.cuda)
+        if self.cuda:
+            self.events[slot] = torch.cuda.Event()
+            self.events[slot].record()
+        self.steps += 1
+
+    def _graphable(self) -> bool:
+        return self.cuda and not self.samplings and not self.sampling.do_sample
+
+    def _advance(self) -> Tensor:
+        """One decode step for every row, in place (fixed addresses: it may be a graph); (running, count) after."""
+        self.cache.done.copy_(~self.running)  # the decode kernel skips finished rows' attention
+        logits = self.model.decode(self.last, self.cache)
         picked, logprob = self._pick(logits)
         chosen = torch.where(self.running, picked, self.pad)
-        rows = torch.arange(self.rows, device=chosen.device)
+        rows = self.at_rows
         at = self.count.clamp(max=self.max_new - 1)  # a row that used its last token keeps it there
         self.tokens[rows, at] = torch.where(self.running, chosen, self.tokens[rows, at])
         self.logprobs[rows, at] = torch.where(self.running, logprob, self.logprobs[rows, at])
         self.count += self.running
         self.running &= ~self._ends(chosen) & (self.count < self.limit)
-        self.last = chosen
-        slot = self.steps % len(self.ring)
-        running, count = self.ring[slot]
-        running.copy_(self.running, non_blocking=self.cuda)
-        count.copy_(self.count, non_blocking=self.cuda)
-        if self.cuda:
-            self.events[slot] = torch.cuda.Event()
-            self.events[slot].record()
-        self.steps += 1
+        self.last.copy_(chosen)
+        self.flags[0].copy_(self.running)
+        self.flags[1].copy_(self.count)
+        return self.flags
+
+    def _save(self) -> tuple:
+        """What a step changes, for the graph's warm-up and capture to leave as it found it."""
+        mine = tuple(t.clone() for t in (self.tokens, self.logprobs, self.count, self.running, self.last,
+                                         self.cache.done))
+        return self.cache.state(), mine, (self.cache.length, self.cache.appended)
+
+    def _restore(self, saved: tuple) -> None:
+        cache_state, mine, (self.cache.length, self.cache.appended) = saved
+        self.cache.set_state(cache_state)
+        for live, kept in zip((self.tokens, self.logprobs, self.count, self.running, self.last, self.cache.done),
+                              mine, strict=True):
+            live.copy_(kept)
 
     def _drop_cancelled(self) -> None:
         """Rows whose tags were cancelled stop now and are free; their answers are never delivered."""
@@ -268,7 +342,7 @@ class _Rows:
             slot = self.read % len(self.ring)
             if self.events[slot] is not None:
                 self.events[slot].synchronize()
-            running, count = (flags.tolist() for flags in self.ring[slot])
+            running, count = self.ring[slot].tolist()
             ended = [r for r in range(self.rows)
                      if not running[r] and self.tags[r] is not None and self.since[r] <= self.read]
             if ended:

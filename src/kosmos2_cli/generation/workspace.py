@@ -11,8 +11,10 @@ from typing import Any
 class Workspace:
     decoders: dict[tuple, Any] = field(default_factory=dict)  # by (batch, capacity, device, dtype, graphs)
     vision_graph: Any = None  # a `Graphed` image encoder, on CUDA
+    rows_run: Any = None  # the row scheduler's last run (its buffers and step graph), reused by the next alike
 
     def clear(self) -> None:
         """Drop the decoders and graphs (their memory goes back once nothing else holds them)."""
         self.decoders.clear()
         self.vision_graph = None
+        self.rows_run = None
