@@ -203,13 +203,12 @@ class _Rows:
         longest = max(len(p.ids) for p in prompts)
         if longest > self.longest:
             raise ValueError(f"a prompt of {longest} tokens is longer than the {self.longest} this run allows")
-        ids = torch.full((len(prompts), longest), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(prompts), longest), dtype=torch.bool)
-        valid = torch.zeros((len(prompts), longest), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p.ids)] = torch.tensor(p.ids)
-            mask[i, : len(p.image_mask)] = torch.tensor(p.image_mask, dtype=torch.bool)
-            valid[i, : len(p.ids)] = True
+        # Whole tables from Python lists, one call each: a row at a time was ~2,000 PyTorch calls for a refill of
+        # 256, each giving up Python's lock to the threads that prepare images and write records.
+        ids = torch.tensor([list(p.ids) + [self.pad] * (longest - len(p.ids)) for p in prompts], dtype=torch.long)
+        mask = torch.tensor([list(p.image_mask) + [0] * (longest - len(p.image_mask)) for p in prompts],
+                            dtype=torch.bool)
+        valid = torch.arange(longest)[None, :] < torch.tensor([len(p.ids) for p in prompts])[:, None]
         embeds = torch.stack([p.embeds for p in prompts])
         unpadded = bool(valid.all())
         image_start = image_block(mask, embeds.shape[1]) if unpadded else None
@@ -228,9 +227,8 @@ class _Rows:
             wider[:, : self.own_stops.shape[1]] = self.own_stops
             self.own_stops = wider
             self.graph = None  # it read the old table
-        table = torch.full((len(prompts), self.own_stops.shape[1]), NO_TOKEN, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            table[i, : len(p.stops)] = torch.tensor(p.stops, dtype=torch.long)
+        width = self.own_stops.shape[1]
+        table = torch.tensor([[*p.stops] + [NO_TOKEN] * (width - len(p.stops)) for p in prompts], dtype=torch.long)
         self.own_stops[index] = table.to(device)
         for row, prompt in zip(rows, prompts, strict=True):
             self.tags[row], self.since[row] = prompt.tag, self.steps
