@@ -99,6 +99,7 @@ class TrainResult:
     eval_before: dict | None = None
     eval_after: dict | None = None
     skipped_records: int = 0
+    model: Any = None  # the trained model (LoRA factors unmerged), for callers in the same process
 
 
 def cosine_with_warmup(warmup: int, total: int) -> Callable[[int], float]:
@@ -195,6 +196,7 @@ def train(config: TrainConfig, examples: Sequence[Example], *, on_step: Callable
     if config.eval is not None:
         result.eval_after = _evaluate(model, processor, config)
     _save_final(config, model, total, settings, result)
+    result.model = model
     return result
 
 
