@@ -349,3 +349,29 @@ def test_eval_scores_grounding_before_and_after(tmp_path, trained_dir):
     for score in (summary["eval_before"], summary["eval_after"]):
         assert score["n"] == 4 and score["found"] == 4 and score["accuracy"] == 0.75
     assert "grounding accuracy after: 75.0% of 4" in " ".join(result.stderr.split())
+
+
+# --- the README's commands ------------------------------------------------------------------------------------
+
+
+def test_the_readme_fine_tuning_commands_run(tmp_path, trained_dir, monkeypatch):
+    """The Fine-tuning section's command lines, as written (on the tiny checkpoint, two steps each): the trained
+    folders answer `kosmos2 caption --model`."""
+    import re
+    import shlex
+
+    from cli_helpers import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Fine-tuning"):text.index("\n## ", text.index("## Fine-tuning") + 1)]
+    [block] = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    lines = [line.split(" #")[0].strip() for line in block.splitlines() if line.startswith("kosmos2 ")]
+    assert [shlex.split(line)[1] for line in lines] == ["train", "caption", "train"]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for line in lines:
+        args = shlex.split(line)[1:]
+        extra = ["--model", trained_dir, "--max-steps", "2"] if args[0] == "train" else []
+        result = invoke([*args, *extra])
+        assert result.exit_code == 0, (line, result.stderr)
+    assert json.loads((tmp_path / "kite-lora" / "training_state.json").read_text())["eval_after"]["n"] == 3
