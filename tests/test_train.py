@@ -375,3 +375,18 @@ def test_the_readme_fine_tuning_commands_run(tmp_path, trained_dir, monkeypatch)
         result = invoke([*args, *extra])
         assert result.exit_code == 0, (line, result.stderr)
     assert json.loads((tmp_path / "kite-lora" / "training_state.json").read_text())["eval_after"]["n"] == 3
+
+
+def test_overwrite_replaces_a_run_but_never_a_strangers_folder(tmp_path, trained_dir):
+    data = _write(tmp_path / "data.jsonl", [_kite()])
+    out = tmp_path / "out"
+    args = ["train", data, "-o", out, "--model", trained_dir, "--max-steps", "1", "--batch-size", "1"]
+    assert invoke(args).exit_code == 0
+    again = invoke(args)
+    assert again.exit_code == 2 and "holds a finished training run" in again.stderr
+    assert invoke([*args, "--overwrite"]).exit_code == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    refused = invoke(["train", data, "-o", tmp_path / "mine", "--model", trained_dir, "--overwrite"])
+    assert refused.exit_code == 2 and "will not delete them" in refused.stderr
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"

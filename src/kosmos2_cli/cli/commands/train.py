@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from kosmos2_cli.cli.common import interruptible
 from kosmos2_cli.cli.errors import CliError, ExitCode
 from kosmos2_cli.model.hub import DEFAULT_MODEL
 
@@ -78,8 +77,6 @@ def train(
 
     Example: kosmos2 train labels.jsonl -o my-model --epochs 3
     """
-    import shutil
-
     from kosmos2_cli.cli.render import Reporter
     from kosmos2_cli.cli.session import find_model
     from kosmos2_cli.model.devices import resolve_device
@@ -112,19 +109,25 @@ def train(
     except ModelLoadError as err:
         raise CliError.of(err, ExitCode.MODEL) from err
     if overwrite and output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
+        _remove_run(output)
     config = TrainConfig(data=data, out=output, model=folder, model_name=model, epochs=epochs, max_steps=max_steps,
                          lr=lr, batch_size=batch_size, grad_accum=grad_accum, lora=lora, lora_alpha=lora_alpha,
                          lora_dropout=lora_dropout, warmup_steps=warmup_steps, weight_decay=weight_decay,
                          max_grad_norm=max_grad_norm, save_every=save_every, seed=seed, device=device,
                          images_dir=images, eval=eval_file)
-    with interruptible():
-        try:
-            result = _run(config, examples, skipped, reporter)
-        except (TrainError, DataError) as err:
-            raise CliError.of(err) from err
-        except ModelLoadError as err:
-            raise CliError.of(err, ExitCode.MODEL) from err
+    try:
+        result = _run(config, examples, skipped, reporter)
+    except (TrainError, DataError) as err:
+        raise CliError.of(err) from err
+    except ModelLoadError as err:
+        raise CliError.of(err, ExitCode.MODEL) from err
+    except KeyboardInterrupt as err:
+        from kosmos2_cli.train.checkpoints import checkpoints
+
+        saved = checkpoints(output)
+        where = (f"the last checkpoint is step {saved[-1][0]} in {output}; run the same command again to resume"
+                 if saved else "no checkpoint was written yet")
+        raise CliError(f"interrupted: {where}", ExitCode.INTERRUPTED) from err
     for label, score in (("before", result.eval_before), ("after", result.eval_after)):
         if score is not None:
             reporter.note(f"grounding accuracy {label}: {score['accuracy']:.1%} of {score['n']} (found "
@@ -138,6 +141,20 @@ def train(
                                      "losses": result.losses, "eval_before": result.eval_before,
                                      "eval_after": result.eval_after, "skipped_records": skipped}) + "\n")
     raise typer.Exit(ExitCode.OK)
+
+
+def _remove_run(output: Path) -> None:
+    """--overwrite: remove OUT_DIR, but only when it is empty or holds a training run (never a stranger's folder)."""
+    import shutil
+
+    from kosmos2_cli.train.checkpoints import STATE_JSON, checkpoints
+
+    if not output.is_dir():
+        raise CliError(f"{output}: exists and is not a folder; --overwrite only replaces a training run's folder")
+    if any(output.iterdir()) and not ((output / STATE_JSON).is_file() or checkpoints(output)):
+        raise CliError(f"{output}: holds files that are not a training run; --overwrite will not delete them "
+                       "(choose another -o)")
+    shutil.rmtree(output)
 
 
 def _run(config, examples, skipped, reporter):
