@@ -80,7 +80,8 @@ def train(
     from kosmos2_cli.cli.render import Reporter
     from kosmos2_cli.cli.session import find_model
     from kosmos2_cli.model.devices import resolve_device
-    from kosmos2_cli.runtime.engine import ModelLoadError, check_model_folder
+    from kosmos2_cli.processing.images import ImageLoadError
+    from kosmos2_cli.runtime.engine import ModelLoadError, check_model_folder, is_out_of_memory
     from kosmos2_cli.train.data import DataError, read_examples
     from kosmos2_cli.train.loop import TrainConfig, TrainError
 
@@ -121,6 +122,13 @@ def train(
         raise CliError.of(err) from err
     except ModelLoadError as err:
         raise CliError.of(err, ExitCode.MODEL) from err
+    except ImageLoadError as err:  # a picture that changed on disk since it was checked
+        raise CliError(str(err), ExitCode.FAILED) from err
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        raise CliError(f"out of GPU memory at --batch-size {batch_size}: try a smaller one with --grad-accum to keep "
+                       "the step's size, or --lora", ExitCode.FAILED) from err
     except KeyboardInterrupt as err:
         from kosmos2_cli.train.checkpoints import checkpoints
 
