@@ -390,3 +390,20 @@ def test_overwrite_replaces_a_run_but_never_a_strangers_folder(tmp_path, trained
     refused = invoke(["train", data, "-o", tmp_path / "mine", "--model", trained_dir, "--overwrite"])
     assert refused.exit_code == 2 and "will not delete them" in refused.stderr
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("answer", [
+    "<phrase> a cat</phrase><object><patch_index_0001><patch_index_0902></object>s playing.",
+    " Two.",
+    "<object><patch_index_0089><patch_index_0122></object>Welcome to<phrase> Carnaby Street</phrase>!",
+    "<phrase> two dogs</phrase><object><patch_index_0137><patch_index_1008></delimiter_of_multi_objects/>"
+    "<patch_index_0080><patch_index_1016></object>—running",
+])
+def test_answers_are_tokenized_as_the_model_writes_them(processor, answer):
+    """Text right after a tag gets no dummy "▁" (the model writes `</object>.`, not `</object> .`), so the answer's
+    ids decode back to the answer exactly, as a generated answer would."""
+    tokenizer = processor.tokenizer
+    ids = tokenizer.encode_continuation("<grounding>" + answer)
+    assert tokenizer.decode(ids) == "<grounding>" + answer
+    plain = tokenizer.decode(tokenizer.encode("<grounding>" + answer, add_special_tokens=False))
+    assert (plain == "<grounding>" + answer) == answer.startswith(" ")  # else it reads a space in after the tag
