@@ -407,3 +407,21 @@ def test_answers_are_tokenized_as_the_model_writes_them(processor, answer):
     assert tokenizer.decode(ids) == "<grounding>" + answer
     plain = tokenizer.decode(tokenizer.encode("<grounding>" + answer, add_special_tokens=False))
     assert (plain == "<grounding>" + answer) == answer.startswith(" ")  # else it reads a space in after the tag
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast over fp32 weights is the CUDA path")
+def test_training_on_cuda_with_bf16_autocast(tmp_path, trained_dir):
+    """On CUDA: fp32 master weights under bf16 autocast learn the taught caption's tokens (loss falls), --eval runs
+    the pipeline on the model being trained, and OUT_DIR holds fp32 weights."""
+    from safetensors.torch import load_file
+
+    data = _write(tmp_path / "labels.jsonl", [_kite()])
+    annotations = _write(tmp_path / "eval.jsonl", [{"image": str(KITE), "phrase": "a red kite",
+                                                    "boxes": [[100, 20, 220, 120]]}])
+    result = invoke(["train", data, "-o", tmp_path / "out", "--model", trained_dir, "--device", "cuda", "--lr",
+                     "1e-2", "--epochs", "20", "--batch-size", "1", "--warmup-steps", "0", "--eval", annotations,
+                     "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json_lines(result.stdout)[-1]
+    assert summary["final_loss"] < summary["losses"][0] / 4 and summary["eval_after"]["n"] == 1
+    assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "out" / "model.safetensors")).values())
