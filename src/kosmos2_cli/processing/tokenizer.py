@@ -237,14 +237,36 @@ class Kosmos2Tokenizer:
         ids += self._encode_plain(text[start:])
         return ids
 
-    def _encode_plain(self, text: str) -> list[int]:
-        """Ids of text that holds no added token."""
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of text as the model writes it after what came before (a prompt, a tag): tags are single tokens,
+        and a piece of text that does not start with a space gets no dummy "▁" (Kosmos-2 writes `</object>.`,
+        which `encode` would read as `</object> .`). What training data must hold for the answers it teaches."""
+        ids: list[int] = []
+        start = 0
+        for match in self._added_pattern.finditer(text):
+            ids += self._encode_plain(text[start:match.start()], prefix_first=False)
+            token = match.group()
+            ids.append(self._added_to_id.get(token, self._special_to_id.get(token)))  # type: ignore[arg-type]
+            start = match.end()
+        ids += self._encode_plain(text[start:], prefix_first=False)
+        return ids
+
+    def _encode_plain(self, text: str, prefix_first: bool = True) -> list[int]:
+        """Ids of text that holds no added token (`prefix_first` False: no "▁" before a first word that does not
+        follow whitespace)."""
         ids: list[int] = []
         if not text:
             return ids
-        for word in _WHITESPACE_RUN.split(self._charsmap.normalize(text)):
-            if word:
-                ids += self._encode_word(word)
+        normalized = self._charsmap.normalize(text)
+        for at, word in enumerate(_WHITESPACE_RUN.split(normalized)):
+            if not word:
+                continue
+            if at == 0 and not prefix_first and not word.startswith(_METASPACE):
+                for chunk in re.split(f"(?={_METASPACE})", word):
+                    if chunk:
+                        ids += self._viterbi(chunk)
+                continue
+            ids += self._encode_word(word)
         return ids
 
     def _encode_word(self, word: str) -> list[int]:

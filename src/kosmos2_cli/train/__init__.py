@@ -1,0 +1,1 @@
+"""train layer: `kosmos2 train` (fine-tuning on grounded answers)."""
