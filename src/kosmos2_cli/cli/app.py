@@ -107,6 +107,12 @@ from kosmos2_cli.cli.commands import ask, batch, caption, download, ground, info
 for command in (caption.caption, ground.ground, refer.refer, ask.ask, batch.batch, download.download, info.info):
     app.command()(command)
 
+from kosmos2_cli.cli.commands import convert, eval, export  # noqa: E402  (datasets, DESIGN §10)
+
+for command in (export.export, eval.eval):
+    app.command()(command)
+app.add_typer(convert.convert)
+
 
 def main() -> None:
     """The console script."""
