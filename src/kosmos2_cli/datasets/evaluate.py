@@ -120,9 +120,13 @@ def item_record(item: Item, result: Result | None, error: str | None = None) -> 
     else:
         x1, y1, x2, y2 = entity.boxes[0]
         w, h = result.width, result.height
-        out.update(box=[x1 * w, y1 * h, x2 * w, y2 * h], score=entity.scores[0] if entity.scores else None)
+        out.update(box=[x1 * w, y1 * h, x2 * w, y2 * h], score=_round(entity.scores[0] if entity.scores else None))
     out.update(width=result.width, height=result.height, raw=_raw_for(result, item.phrase))
     return out
+
+
+def _round(score: float | None) -> float | None:
+    return None if score is None else float(f"{score:.6g}")  # as records carry scores
 
 
 def _raw_for(result: Result, phrase: str) -> str:

@@ -39,9 +39,10 @@ class ExportSummary:
 
 
 def export(results: Path, fmt: str, output: Path, *, min_score: float | None = None,
-           classes: Sequence[str] | None = None, copy_images: bool = False) -> ExportSummary:
+           classes: Sequence[str] | None = None, copy_images: bool = False, url_prefix: str = "") -> ExportSummary:
     """Write `results` (a batch's JSON lines) as a `fmt` dataset at `output` (COCO and Label Studio: a JSON file;
-    YOLO: a folder)."""
+    YOLO: a folder). `url_prefix` goes before each image path in Label Studio's tasks (e.g. its local-files
+    URL)."""
     if fmt not in FORMATS:
         raise DatasetError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     if copy_images and fmt != "yolo":
@@ -54,7 +55,7 @@ def export(results: Path, fmt: str, output: Path, *, min_score: float | None = N
     if fmt == "coco":
         _write_json(output, coco(pictures, names))
     elif fmt == "labelstudio":
-        _write_json(output, labelstudio(pictures))
+        _write_json(output, labelstudio(pictures, url_prefix))
         config = Path(output).with_suffix(".xml")
         config.write_text(labelstudio_config(names))
         summary.config = str(config)
@@ -101,7 +102,7 @@ def coco(pictures: list[Picture], names: list[str]) -> dict[str, Any]:
                                                        for n, i in ids.items()]}
 
 
-def labelstudio(pictures: list[Picture]) -> list[dict[str, Any]]:
+def labelstudio(pictures: list[Picture], url_prefix: str = "") -> list[dict[str, Any]]:
     """Label Studio tasks with pre-annotations: `data.image` the picture's path, one prediction per task whose
     results are rectanglelabels in percent of the image, each with its score."""
     from kosmos2_cli import __version__
@@ -123,7 +124,7 @@ def labelstudio(pictures: list[Picture]) -> list[dict[str, Any]]:
         prediction: dict[str, Any] = {"model_version": f"kosmos2-cli {__version__}", "result": results}
         if scores:
             prediction["score"] = min(scores)
-        tasks.append({"data": {"image": picture.image}, "predictions": [prediction]})
+        tasks.append({"data": {"image": url_prefix + picture.image}, "predictions": [prediction]})
     return tasks
 
 

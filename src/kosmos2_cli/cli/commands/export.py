@@ -31,6 +31,9 @@ def export(
                                                       "boxes of other phrases are dropped.")] = None,
     copy_images: Annotated[bool, typer.Option("--copy-images", help="yolo: copy the images into OUT/images/ "
                                                                     "beside OUT/labels/, ready to train.")] = False,
+    url_prefix: Annotated[str, typer.Option("--url-prefix", metavar="PREFIX",
+                                            help="labelstudio: put before each image path, e.g. "
+                                                 "'/data/local-files/?d=' for its local storage.")] = "",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary line.")] = False,
 ) -> None:
     """Turn batch records into a detection dataset; categories are the phrases (case and spaces normalized).
@@ -47,7 +50,7 @@ def export(
     try:
         names = read_classes(classes) if classes is not None else None
         summary = run_export(results, fmt.value, output, min_score=min_score, classes=names,
-                             copy_images=copy_images)
+                             copy_images=copy_images, url_prefix=url_prefix)
     except DatasetError as err:
         raise CliError(str(err)) from err
     left = []
