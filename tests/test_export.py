@@ -39,7 +39,8 @@ def lesson_boxes(image: str, phrase: str) -> list[list[int]] | None:
             cells = [int(v) for v in re.findall(r"patch_index_(\d+)", first)]
             with Image.open(lesson.path) as picture:
                 size = picture.size
-            return [list(to_pixels(trained.cell_box(a, b), *size)) for a, b in zip(cells[0::2], cells[1::2])]
+            return [list(to_pixels(trained.cell_box(a, b), *size)) for a, b in
+                    zip(cells[0::2], cells[1::2], strict=True)]
     return None
 
 
