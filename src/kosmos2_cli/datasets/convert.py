@@ -26,9 +26,10 @@ DATASETS = ("refcoco", "refcoco+", "refcocog")
 
 def _load_json(path: Path, what: str) -> Any:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the {what} ({getattr(err, 'strerror', None) or err})") from err
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the {what} ({err.strerror or err})") from err
+    text = data.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if Path(path).suffix.lower() in (".p", ".pkl", ".pickle") or text[:1] not in ("[", "{"):
         raise DatasetError(f"{path}: the {what} must be JSON (a pickle such as refs(unc).p is never loaded: "
                            "convert it to JSON first)")
