@@ -89,6 +89,11 @@ def flickr_phrases(sentence: str) -> list[tuple[str, str, list[str]]]:
             for m in _ENTITY.finditer(sentence)]
 
 
+def _caption(sentence: str) -> str:
+    """The sentence without its marks ("[/EN#1/people Two guys] sit ." -> "Two guys sit .")."""
+    return " ".join(_ENTITY.sub(lambda m: m.group(3), sentence).split())
+
+
 def flickr_boxes(xml_path: Path) -> tuple[str, dict[str, list[list[float]]]]:
     """(image file name, boxes by entity id) from one Annotations/ID.xml."""
     try:
@@ -136,7 +141,8 @@ def flickr30k_items(root: Path, *, ids: Iterable[str] | None = None, split: str 
                 if entity == "0" or "notvisual" in types or not boxes.get(entity) or not phrase:
                     continue
                 yield {"image": filename, "phrase": phrase, "boxes": boxes[entity], "split": split,
-                       "entity": entity, "sentence": number, "type": types[0] if types else None}
+                       "entity": entity, "sentence": number, "caption": _caption(sentence),
+                       "type": types[0] if types else None}
 
 
 def read_ids(path: Path) -> list[str]:

@@ -141,7 +141,10 @@ def write_yolo(pictures: list[Picture], names: list[str], folder: Path, *, copy_
     """A YOLO folder: labels/NAME.txt (class cx cy w h, normalized; empty for an image without boxes), data.yaml
     (class names) and, with `copy_images`, images/NAME.EXT beside labels/ so that it trains as is; without,
     images.txt lists the pictures' paths. Returns how many images were copied."""
-    import yaml
+    try:
+        import yaml
+    except ImportError as err:
+        raise DatasetError("the yolo format needs PyYAML: pip install \"kosmos2-cli[datasets]\"") from err
 
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
