@@ -17,7 +17,7 @@ from kosmos2_cli.cli.options import Settings, with_options
 def eval(  # noqa: A001  (the command's name)
     annotations: Annotated[Path, typer.Argument(metavar="ANNOTATIONS.jsonl", show_default=False,
                                                 help="One item a line: {\"image\": PATH, \"phrase\": TEXT, "
-                                                     "\"boxes\": [[x1, y1, x2, y2], ...]} (pixels; optional "
+                                                     "\"boxes\": [\\[x1, y1, x2, y2], ...]} (pixels; optional "
                                                      "\"split\"); kosmos2 convert writes them.")],
     images: Annotated[Path | None, typer.Option("--images", metavar="DIR", file_okay=False,
                                                 help="Folder the items' relative image paths are under "
