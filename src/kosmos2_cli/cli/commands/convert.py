@@ -33,7 +33,10 @@ def refcoco(
 ) -> None:
     """RefCOCO, RefCOCO+ or RefCOCOg: one item per referring sentence, the box of its object.
 
-    Image paths are COCO file names: pass the COCO train2014 folder as kosmos2 eval --images.
+    The refs must be in JSON form: the released refs(unc).p / refs(umd).p / refs(google).p are Python pickles,
+    which can run code when loaded, so they are refused, never unpickled (convert them to JSON once, e.g. with
+    json.dump of the unpickled list, or use a JSON conversion of them). Image paths are COCO file names: pass
+    the COCO train2014 folder as kosmos2 eval --images.
 
     Example: kosmos2 convert refcoco --refs refs_unc.json --instances instances.json --split val -o refcoco_val.jsonl
     """
