@@ -48,6 +48,7 @@ def test_readme_command_runs(line, tmp_path, monkeypatch, shared_fixtures):
     save(photo(80, 60, seed=2), tmp_path / "photos" / "a.jpg")
     save(photo(60, 80, seed=3), tmp_path / "photos" / "b.png")
     save(photo(64, 64, seed=4), tmp_path / "more" / "c.jpg")
+    (tmp_path / "classes.txt").write_text("a snowman\na fire\n")  # batch --phrases-file
     args = shlex.split(line)[1:]
     if args[0] != "info":
         args += ["--max-new-tokens", "4"]

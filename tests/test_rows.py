@@ -217,6 +217,29 @@ def test_stager_hands_images_in_order_and_stages_the_next_ones_ahead():
     assert collated[:2] == [["0", "1", "2", "3"], ["4", "5", "6", "7"]]
 
 
+def test_stager_stages_on_demand_when_a_refill_finds_nothing_staged():
+    """A refill clears `calm` and then takes: staging ahead that had not started before the refill must not
+    wait for `calm` (set again only after this take), or the model's thread waits for it forever."""
+    import threading
+
+    from kosmos2_cli.runtime.prepare import Prepared
+    from kosmos2_cli.runtime.stager import Stager
+
+    calm = threading.Event()  # cleared: a refill is in progress the whole time
+    stager = Stager(lambda chunk: torch.tensor([int(i.name) for i in chunk]),
+                    iter(Prepared(str(n), None, None) for n in range(6)), calm)
+    taken = []
+    worker = threading.Thread(target=lambda: taken.extend(stager.take(2) + stager.take(2)), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    try:
+        assert not worker.is_alive(), "the second take waited for calm"
+        assert [i.name for chunk, _ in taken for i in chunk] == ["0", "1", "2", "3"]
+    finally:
+        calm.set()
+        stager.close()
+
+
 def test_each_prompt_stops_at_its_own_stops(ours, prompts, trained_dir):
     """Rows that stop at `</object>` (ground) beside rows that do not: each answer is its lesson's, cut after
     its first `</object>` where the prompt asks for that."""

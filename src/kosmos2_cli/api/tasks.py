@@ -99,6 +99,15 @@ class TaskSpec:
             return [Job(image_index, "refer", "", {"box": self.box, "normalized": self.normalized})]
         return [Job(image_index, self.task, self.prompt_texts[0], {})]
 
+    def image_jobs(self, name: str) -> list[Job]:
+        """The jobs for the image `name` of a stream: the same for every image here; a spec whose prompts vary
+        by image (eval's phrases per picture) overrides it, with `rows_per_image` and `record`."""
+        return self.jobs(0)
+
+    def rows_per_image(self) -> int:
+        """About how many prompts one image brings (to turn a number of rows into a number of images)."""
+        return len(self.jobs(0))
+
     def failure_record(self, failure: Failure) -> dict[str, Any]:
         """A failed image's record, with the task's arguments (so that resume recognises it)."""
         return {**failure.to_dict(), "task": self.task, **self.args()}

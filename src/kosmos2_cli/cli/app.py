@@ -108,6 +108,12 @@ for command in (caption.caption, ground.ground, refer.refer, ask.ask, batch.batc
                 train.train):
     app.command()(command)
 
+from kosmos2_cli.cli.commands import convert, eval, export  # noqa: E402  (datasets, DESIGN §10)
+
+for command in (export.export, eval.eval):
+    app.command()(command)
+app.add_typer(convert.convert)
+
 
 def main() -> None:
     """The console script."""

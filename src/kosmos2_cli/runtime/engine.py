@@ -207,23 +207,23 @@ class PipelineEngine:
         kosmos = self.kosmos
         calm = calm or threading.Event()
         stager = Stager(self.collate, items, calm)
-        jobs = spec.jobs(0)
+        per_image = max(1, spec.rows_per_image())
 
         def take(count: int, wait: bool) -> list[Request] | None:
             if pace is not None and not pace.ready(wait):
                 return []
-            parts = stager.take(-(-count // len(jobs)))
+            parts = stager.take(-(-count // per_image))
             if not parts:
                 return None
             requests = []
             for chunk, pixels in parts:
                 embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels).clone()
-                requests += [Request(item, item.name, item.image, list(jobs), row)
+                requests += [Request(item, item.name, item.image, spec.image_jobs(item.name), row)
                              for item, row in zip(chunk, embeds, strict=True)]
             return requests
 
         try:
-            for started in kosmos.stream(take, rows * len(jobs), calm=calm, refill_share=self.refill_share):
+            for started in kosmos.stream(take, rows * per_image, calm=calm, refill_share=self.refill_share):
                 yield started.key, started
         finally:
             stager.close()

@@ -51,18 +51,21 @@ class Stager:
         self.ready: deque[tuple[list[Prepared], Any]] = deque()
         self.ahead = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="kosmos2-stage")
+        # Set while the model's thread waits for the staging ahead: that staging must not wait for `calm` then,
+        # since the waiting thread is the one that cleared it (a refill found nothing staged: stage it now).
+        self.wanted = threading.Event()
 
     def _stage(self, count: int, wait: bool = False) -> tuple[list[Prepared], Any]:
         if wait:
-            self.calm.wait()
+            while not self.calm.wait(0.005) and not self.wanted.is_set():
+                pass
         chunk = list(islice(self.items, count))
         return chunk, (self.collate(chunk) if chunk else None)
 
     def take(self, count: int) -> list[tuple[list[Prepared], Any]]:
         """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order."""
         if self.ahead is not None:
-            self.ready.append(self.ahead.result())
-            self.ahead = None
+            self.ready.append(self._wait_ahead())
         parts: list[tuple[list[Prepared], Any]] = []
         have = 0
         while have < count:
@@ -83,10 +86,18 @@ class Stager:
         """Wait for the staging in progress (it reads `items`, which its next user reads) and stop the thread."""
         if self.ahead is not None:
             try:
-                self.ahead.result()
+                self._wait_ahead()
             except BaseException:  # noqa: S110 (the error belongs to images that will not be used now)
                 pass
         self.pool.shutdown(wait=True)
+
+    def _wait_ahead(self) -> tuple[list[Prepared], Any]:
+        self.wanted.set()
+        try:
+            return self.ahead.result()
+        finally:
+            self.wanted.clear()
+            self.ahead = None
 
 
 def _rows(pixels, start: int, stop: int | None):

@@ -51,6 +51,10 @@ def batch(
     phrase: Annotated[list[str], typer.Option("--phrase", "-p", metavar="TEXT", rich_help_panel=PANEL,
                                               show_default=False, help="ground: a phrase to find; repeat for "
                                                                        "several.")] = [],  # noqa: B006
+    phrases_file: Annotated[Path | None, typer.Option("--phrases-file", metavar="FILE", dir_okay=False,
+                                                      rich_help_panel=PANEL,
+                                                      help="ground: phrases to find, one a line (e.g. the "
+                                                           "classes to auto-label); with --phrase too.")] = None,
     box: Annotated[str | None, typer.Option("--box", metavar="X1,Y1,X2,Y2", rich_help_panel=PANEL,
                                             help="refer: the region (pixels, or 0..1 with --normalized).")] = None,
     normalized: Annotated[bool, typer.Option("--normalized", rich_help_panel=PANEL,
@@ -74,14 +78,29 @@ def batch(
     """
     name = task.value
     unused = [flag for flag, value, owner in (("--detailed", detailed, "caption"), ("--phrase", phrase, "ground"),
+                                              ("--phrases-file", phrases_file, "ground"),
                                               ("--box", box, "refer"), ("--normalized", normalized, "refer"),
                                               ("--question", question, "ask")) if value and owner != name]
     if unused:
         raise CliError(f"{', '.join(unused)} do(es) not apply to --task {name}")
+    if phrases_file is not None:
+        phrase = [*phrase, *read_phrases(phrases_file)]
     spec = task_spec(name, detailed=detailed, phrases=phrase, box=box, normalized=normalized, question=question)
     if retry_failed and overwrite:
         raise CliError("--retry-failed and --overwrite do not go together")
     exit_with(lambda: run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed))
+
+
+def read_phrases(path: Path) -> list[str]:
+    """The phrases of a --phrases-file: one a line, blank lines and lines starting with # skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"--phrases-file {path}: cannot read ({getattr(err, 'strerror', None) or err})") from err
+    phrases = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not phrases:
+        raise CliError(f"--phrases-file {path}: no phrases (one a line)")
+    return phrases
 
 
 class Terminated(KeyboardInterrupt):
