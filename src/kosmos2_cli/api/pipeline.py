@@ -255,7 +255,11 @@ class Kosmos2:
                                                       batch["attention_mask"].bool(), strict=True):
                         tokenized[text] = ids[keep].tolist(), slots[keep].tolist()
                 own = request.options
-                sampling = None if own is None or own == opts else self._sampling(own)
+                # Rows that choose tokens as the run does share its sampling (one group per step, not one per
+                # request): greedy is greedy whatever the cap, temperature or top-k.
+                same = own is None or (not own.do_sample and not opts.do_sample) or \
+                    replace(own, max_new_tokens=opts.max_new_tokens) == opts
+                sampling = None if same else self._sampling(own)
                 cap = None if own is None else own.max_new_tokens
                 index = next(numbers)
                 open_requests[index] = _Open(request, mine, [tokenized[job.prompt][0] for job in mine])

@@ -102,9 +102,10 @@ def _root(
     """Kosmos-2 grounding on the command line."""
 
 
-from kosmos2_cli.cli.commands import ask, batch, caption, download, ground, info, refer  # noqa: E402
+from kosmos2_cli.cli.commands import ask, batch, caption, download, ground, info, refer, serve  # noqa: E402
 
-for command in (caption.caption, ground.ground, refer.refer, ask.ask, batch.batch, download.download, info.info):
+for command in (caption.caption, ground.ground, refer.refer, ask.ask, batch.batch, download.download, info.info,
+                serve.serve):
     app.command()(command)
 
 
