@@ -25,7 +25,7 @@ import numpy as np
 
 from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.tasks import TaskSpec
-from kosmos2_cli.runtime.engine import PipelineEngine, Picture, is_out_of_memory
+from kosmos2_cli.runtime.engine import Picture, PipelineEngine, is_out_of_memory
 
 
 class QueueFull(Exception):

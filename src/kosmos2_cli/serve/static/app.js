@@ -134,7 +134,7 @@ async function run() {
   if (name === "ground") for (const p of $("phrases").value.split("\n")) if (p.trim()) form.append("phrase", p);
   if (name === "refer") form.append("box", $("box").value);
   if (name === "ask") form.append("question", $("question").value);
-  form.append("max_new_tokens", $("max_new_tokens").value);
+  if ($("max_new_tokens").value) form.append("max_new_tokens", $("max_new_tokens").value);
   if ($("sample").checked) {
     form.append("sample", "true");
     form.append("temperature", $("temperature").value);
@@ -170,6 +170,19 @@ function point(event) {
   return [Math.min(Math.max(x, 0), size[0]), Math.min(Math.max(y, 0), size[1])];
 }
 
+function info() {
+  const token = $("token").value.trim();
+  fetch("/v1/info", { headers: token ? { Authorization: `Bearer ${token}` } : {} })
+    .then((r) => (r.ok ? r.json() : null))
+    .then((i) => {
+      if (!i) return;
+      $("info").textContent = `${i.model} · ${i.device} · ${i.dtype} · v${i.version}`;
+      $("max_new_tokens").max = i.max_new_tokens;
+      $("max_new_tokens").placeholder = `${i.max_new_tokens} (the server's)`;
+    })
+    .catch(() => {});
+}
+
 function setUp() {
   for (const radio of document.querySelectorAll("input[name=task]")) radio.addEventListener("change", showArgs);
   showArgs();
@@ -194,10 +207,8 @@ function setUp() {
     $("box").value = box.join(",");
   });
   svg.addEventListener("pointerup", () => { drag = null; });
-  fetch("/v1/info", { headers: $("token").value ? { Authorization: `Bearer ${$("token").value}` } : {} })
-    .then((r) => (r.ok ? r.json() : null))
-    .then((info) => { if (info) $("info").textContent = `${info.model} · ${info.device} · ${info.dtype} · v${info.version}`; })
-    .catch(() => {});
+  $("token").addEventListener("change", info);
+  info();
 }
 
 setUp();
