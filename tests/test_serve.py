@@ -128,6 +128,7 @@ def test_bad_arguments_get_400_with_the_clis_message(server, trained_dir, task, 
     ("caption", [("temperature", "0"), ("sample", "true")], 400, "temperature must be above 0 (got 0)"),
     ("caption", [("num_beams", "3")], 400, "num_beams must be 1"),
     ("segment", [], 404, "unknown task 'segment' (choose from caption, ground, refer, ask)"),
+    ("ask", [("question", "why " * 150)], 400, "two_dogs.jpg: the prompt is too long ("),
 ])
 def test_bad_fields_are_named(server, task, fields, status, message):
     reply = post(server, task, _image("two_dogs.jpg"), fields)

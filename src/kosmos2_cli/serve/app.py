@@ -26,11 +26,10 @@ from starlette.staticfiles import StaticFiles
 
 from kosmos2_cli import __version__
 from kosmos2_cli.api.prompts import TASKS, PromptError
-from kosmos2_cli.processing.images import ImageLoadError, load_image_bytes
-from kosmos2_cli.runtime.engine import Picture
+from kosmos2_cli.processing.images import ImageLoadError
 from kosmos2_cli.serve.fields import Fields, HTTPProblem, bad, generation_options, task_spec, worded
 from kosmos2_cli.serve.metrics import Metrics
-from kosmos2_cli.serve.scheduler import Draining, QueueFull, Scheduler, TooBig, Work
+from kosmos2_cli.serve.scheduler import Draining, QueueFull, Scheduler, TooBig, Work, prepare_work
 
 log = logging.getLogger("kosmos2.serve")
 STATIC = resources.files("kosmos2_cli.serve") / "static"
@@ -255,24 +254,12 @@ async def _form(request: Request) -> tuple[Fields, bytes | None, str]:
 
 
 def _prepare(scheduler: Scheduler, spec, upload: bytes, name: str, options) -> Work:
-    """Decode, check and preprocess the upload (worker thread): the CLI's checks, the CLI's messages."""
-    engine = scheduler.engine
+    """`prepare_work` on a worker thread, its refusals as 400s with the CLI's messages."""
     try:
-        image = load_image_bytes(upload, name)
-        spec.check_image(*image.size)
+        return prepare_work(scheduler, spec, upload, name, options)
     except (ImageLoadError, PromptError) as err:
         message = worded(err)
         raise bad(message if message.startswith(f"{name}:") else f"{name}: {message}") from err
-    pixels = engine.processor.image_processor(image, return_tensors="np")["pixel_values"]
-    texts = list(spec.prompt_texts) or ["<grounding><phrase> It</phrase><object><patch_index_0000>"
-                                        "<patch_index_0000></object> is"]
-    picture = Picture(*image.size)
-    length = int(engine.processor(text=texts, images=[picture] * len(texts), pixels=False,
-                                  num_image_tokens=engine.kosmos.model.config.latent_query_num,
-                                  return_tensors="pt")["attention_mask"].sum(1).max())
-    if length > scheduler.longest_prompt:
-        raise bad(f"the prompt is too long ({length} tokens with the image's; at most {scheduler.longest_prompt})")
-    return Work(spec, name, picture, pixels, options)
 
 
 async def _answered(future, request: Request):

@@ -239,3 +239,26 @@ class Scheduler:
         for work in pending:
             if not work.future.done():
                 work.future.set_exception(RuntimeError(f"the model thread stopped ({type(err).__name__})"))
+
+
+def prepare_work(scheduler: Scheduler, spec: TaskSpec, upload: bytes, name: str,
+                 options: GenerationOptions) -> Work:
+    """Decode, check and preprocess an upload (CPU work for a worker thread) with the CLI's checks: raises
+    ImageLoadError (not an image, truncated, a decompression bomb) or PromptError (a box outside the picture, a
+    prompt longer than the rows allow)."""
+    from kosmos2_cli.api.prompts import PromptError, refer_prompt
+    from kosmos2_cli.processing.images import load_image_bytes
+
+    engine = scheduler.engine
+    image = load_image_bytes(upload, name)
+    spec.check_image(*image.size)
+    pixels = engine.processor.image_processor(image, return_tensors="np")["pixel_values"]
+    texts = list(spec.prompt_texts) or [refer_prompt((0, 0))]  # refer's prompt: the same length for any box
+    picture = Picture(*image.size)
+    length = int(engine.processor(text=texts, images=[picture] * len(texts), pixels=False,
+                                  num_image_tokens=engine.kosmos.model.config.latent_query_num,
+                                  return_tensors="pt")["attention_mask"].sum(1).max())
+    if length > scheduler.longest_prompt:
+        raise PromptError(f"the prompt is too long ({length} tokens with the image's; at most "
+                          f"{scheduler.longest_prompt})")
+    return Work(spec, name, picture, pixels, options)
