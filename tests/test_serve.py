@@ -348,3 +348,24 @@ def test_serve_tokens_are_checked_for_loopback_hosts():
     check_host("0.0.0.0", TOKEN)
     with pytest.raises(ServeError):
         check_host("::", None)
+
+
+def test_rows_follow_the_demand(trained_dir, expected):
+    """A lone request decodes on one row; a crowd widens the rows to its power of two (up to the most)."""
+    case = next(c for c in CASES if c.task == "caption")
+    with serve_in_process(trained_dir, token=None, rows=8, max_new_tokens=NEW_TOKENS) as live:
+        scheduler = live.service.scheduler
+        assert same_record(post(live.base, case.task, _image(case.image), case.fields, token=None).body,
+                           expected[case.key])
+        assert scheduler.stream_rows == 1
+        release, entered = _block_encoder(scheduler)
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(post, live.base, case.task, _image(case.image), case.fields, None) for _ in "abcdef"]
+            assert entered.wait(30)
+            deadline = time.monotonic() + 30
+            while scheduler.queued < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            release.set()
+            replies = [f.result(60) for f in futures]
+        assert scheduler.stream_rows == 8  # 6 prompts: a stream of 8 rows
+        assert all(same_record(reply.body, expected[case.key]) for reply in replies)

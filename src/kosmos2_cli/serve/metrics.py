@@ -26,6 +26,8 @@ class Metrics:
               registry=self.registry).set_function(lambda: scheduler.rows_in_flight)
         Gauge("kosmos2_rows", "Most prompts decoding at once (halved when the device runs out of memory).",
               registry=self.registry).set_function(lambda: scheduler.rows)
+        Gauge("kosmos2_stream_rows", "Rows of the decoding now running (the demand's power of two, up to "
+              "kosmos2_rows).", registry=self.registry).set_function(lambda: scheduler.stream_rows)
         Gauge("kosmos2_queue_length", "Requests waiting for the model.",
               registry=self.registry).set_function(lambda: scheduler.queued)
         Gauge("kosmos2_queue_limit", "Most requests that may wait (503 past it).",

@@ -27,6 +27,8 @@ from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.tasks import TaskSpec
 from kosmos2_cli.runtime.engine import Picture, PipelineEngine, is_out_of_memory
 
+SHRINK_AFTER = 1.0  # seconds without work before the rows narrow to the demand
+
 
 class QueueFull(Exception):
     """The queue holds as many requests as it may: the client should retry later (HTTP 503)."""
@@ -67,7 +69,8 @@ class Scheduler:
         if rows < 1 or queue_limit < 1:
             raise ValueError("rows and the queue length must be at least 1")
         self.engine = engine
-        self.rows = rows
+        self.rows = rows  # the most rows (halved for good when the device runs out of memory)
+        self.stream_rows = 0  # the rows of the stream running now: the demand's power of two, up to `rows`
         self.queue_limit = queue_limit
         self.longest_prompt = longest_prompt
         # The run's options: the requests' own choose their tokens and caps within them.
@@ -160,7 +163,10 @@ class Scheduler:
                     if self._stopping and not self._queue and not self._in_flight:
                         return
                 try:
-                    for started in kosmos.stream(self._take, self.rows, options=self.run_options, calm=self.calm,
+                    with self._lock:
+                        self.stream_rows = self._rows_for_demand()
+                    for started in kosmos.stream(self._take, self.stream_rows, options=self.run_options,
+                                                 calm=self.calm,
                                                  cancelled=self._cancelled, longest_prompt=self.longest_prompt,
                                                  refill_share=self.refill_share):
                         self._deliver(started)
@@ -179,12 +185,22 @@ class Scheduler:
         from kosmos2_cli.api.pipeline import Request
 
         with self._lock:
+            idle = time.perf_counter()
             while not self._queue:
                 if self._stopping:
                     return None
                 if not wait:
                     return []
+                # Nothing runs while the rows wait for work: those finishing records need not keep out of the way.
+                self.calm.set()
                 self._lock.wait()
+                self.calm.clear()
+            # Rows sized to the demand: a lone request decodes at batch 1, a crowd on every row. More demand than
+            # rows ends this stream (its rows finish, then a wider one starts); after a quiet spell, a narrower.
+            wanted = self._rows_for_demand()
+            if wanted > self.stream_rows or (wait and wanted < self.stream_rows and
+                                             time.perf_counter() - idle >= SHRINK_AFTER):
+                return None
             chosen: list[Work] = []
             prompts = 0
             while self._queue and (not chosen or prompts + self._queue[0].prompts <= count):
@@ -199,6 +215,14 @@ class Scheduler:
         embeds = kosmos.encode_pixels(pixels).clone()
         return [Request(work.key, work.name, work.picture, work.spec.jobs(0), row, work.options)
                 for work, row in zip(chosen, embeds, strict=True)]
+
+    def _rows_for_demand(self) -> int:
+        """The power of two of rows that holds every prompt taken or waiting, at most `rows` (lock held)."""
+        demand = sum(work.prompts for work in self._in_flight.values()) + sum(w.prompts for w in self._queue)
+        size = 1
+        while size < min(demand, self.rows):
+            size *= 2
+        return min(size, self.rows)
 
     def _deliver(self, started) -> None:
         with self._lock:
@@ -220,14 +244,14 @@ class Scheduler:
                         work.future.set_exception(err)
                 return
             self.engine.free_memory()
-            if self.rows == 1 and flight:
+            size = min(self.stream_rows or self.rows, self.rows)  # the rows that did not fit
+            if size == 1 and flight:
                 oldest, flight = flight[0], flight[1:]
                 oldest.future.set_exception(TooBig(f"{oldest.name}: out of device memory even alone (try fewer new "
                                                    "tokens, or float16)"))
-            elif self.rows > 1:
-                size = min(self.rows, sum(work.prompts for work in flight)) or self.rows
-                self.rows = max(1, size // 2)
-                self.notice(f"out of device memory with {size} rows in flight; going on with {self.rows}")
+            elif size > 1:
+                self.rows = size // 2
+                self.notice(f"out of device memory with {size} rows; going on with at most {self.rows}")
             self._queue.extendleft(reversed(flight))
 
     def _fail_all(self, err: BaseException) -> None:
