@@ -369,3 +369,26 @@ def test_rows_follow_the_demand(trained_dir, expected):
             replies = [f.result(60) for f in futures]
         assert scheduler.stream_rows == 8  # 6 prompts: a stream of 8 rows
         assert all(same_record(reply.body, expected[case.key]) for reply in replies)
+
+
+def test_the_readme_curl_examples_run(server, tmp_path):
+    """Every `curl ... http://127.0.0.1:8000/...` line of the README, against this server, answers a record."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from cli_helpers import ROOT
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is absent")
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("curl ") and
+             "http://127.0.0.1:8000/" in line]
+    assert len(lines) >= 3
+    (tmp_path / "snowman.png").symlink_to(IMAGES / "snowman.png")
+    for line in lines:
+        args = [a.replace("http://127.0.0.1:8000", server) for a in shlex.split(line)]
+        done = subprocess.run([*args, "-H", f"Authorization: Bearer {TOKEN}"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        record = json.loads(done.stdout)
+        assert record["image"] == "snowman.png" and record["task"] in line, (line, record)

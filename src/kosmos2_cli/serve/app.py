@@ -84,12 +84,17 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "stopping" if scheduler._stopping else "not ready"}, status_code=503)
 
-    @app.get("/v1/info")
-    async def info(request: Request) -> JSONResponse:
+    def refused(request: Request) -> JSONResponse | None:
         try:
             authorized(request)
         except HTTPProblem as err:
             return _error(err.status, str(err))
+        return None
+
+    @app.get("/v1/info")
+    async def info(request: Request) -> JSONResponse:
+        if (refusal := refused(request)) is not None:
+            return refusal
         model = engine.kosmos.model
         return JSONResponse({
             "model": config.model, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
@@ -100,10 +105,8 @@ def create_app(scheduler: Scheduler, config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        try:
-            authorized(request)
-        except HTTPProblem as err:
-            return _error(err.status, str(err))
+        if (refusal := refused(request)) is not None:
+            return refusal
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
