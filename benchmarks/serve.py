@@ -3,6 +3,7 @@
     python benchmarks/serve.py --json serve.json                       # GPU: full-size random weights, 64 tokens
     python benchmarks/serve.py --smoke                                 # a quick check anywhere (tiny model, CPU)
     python benchmarks/serve.py --only ours --json ours.json            # one side per call (each fits 10 minutes)
+    python benchmarks/serve.py --table ours.json reference.json        # then the table of both
     python benchmarks/serve.py --http ...                              # ours through uvicorn + HTTP (needs the
                                                                        # serve extra), the reference's through
                                                                        # the standard library's HTTP server
@@ -253,7 +254,18 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="over loopback HTTP (ours needs the serve extra)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, 1 and 8 clients")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT")
+    parser.add_argument("--table", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="print the table of earlier --json files (e.g. an --only ours and an --only reference)")
     args = parser.parse_args()
+    if args.table:
+        import json
+
+        merged: dict = {}
+        for path in args.table:
+            merged.update(json.loads(path.read_text()))
+        table(merged)
+        dump(args.json, merged)
+        return
 
     global NEW_TOKENS
     if args.smoke:
