@@ -90,6 +90,7 @@ class Scheduler:
         self.calm.set()
         self.failure: BaseException | None = None  # what stopped the model thread, if anything did
         self._switch = sys.getswitchinterval()
+        self.prompt_lengths: dict[tuple[str, ...], int] = {}  # prompt texts -> tokens, image's included
 
     # -- the handlers' side -------------------------------------------------------------------------------------
 
@@ -277,11 +278,16 @@ def prepare_work(scheduler: Scheduler, spec: TaskSpec, upload: bytes, name: str,
     image = load_image_bytes(upload, name)
     spec.check_image(*image.size)
     pixels = engine.processor.image_processor(image, return_tensors="np")["pixel_values"]
-    texts = list(spec.prompt_texts) or [refer_prompt((0, 0))]  # refer's prompt: the same length for any box
+    texts = tuple(spec.prompt_texts) or (refer_prompt((0, 0)),)  # refer's prompt: the same length for any box
     picture = Picture(*image.size)
-    length = int(engine.processor(text=texts, images=[picture] * len(texts), pixels=False,
-                                  num_image_tokens=engine.kosmos.model.config.latent_query_num,
-                                  return_tensors="pt")["attention_mask"].sum(1).max())
+    length = scheduler.prompt_lengths.get(texts)
+    if length is None:
+        length = int(engine.processor(text=list(texts), images=[picture] * len(texts), pixels=False,
+                                      num_image_tokens=engine.kosmos.model.config.latent_query_num,
+                                      return_tensors="pt")["attention_mask"].sum(1).max())
+        if len(scheduler.prompt_lengths) > 4096:  # questions are many: keep the cache bounded
+            scheduler.prompt_lengths.clear()
+        scheduler.prompt_lengths[texts] = length
     if length > scheduler.longest_prompt:
         raise PromptError(f"the prompt is too long ({length} tokens with the image's; at most "
                           f"{scheduler.longest_prompt})")
