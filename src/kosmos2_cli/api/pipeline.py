@@ -67,6 +67,41 @@ class _Open:
     jobs: list[Job]
     prompt_ids: list[list[int]]
     answers: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)
+    admitted: int = 0  # prompts handed to the rows
+    dropped: int = 0  # ... of which the rows dropped, cancelled
+
+
+class _CancelledRows:
+    """The row scheduler's view of cancelled requests: a row's tag (request number, job) is cancelled while its
+    request's key is in `keys` (which callers fill from any thread). Once every row of a cancelled request is
+    gone, the request and its key are forgotten."""
+
+    def __init__(self, keys: set, open_requests: dict[int, _Open], waiting: deque) -> None:
+        self.keys, self.open, self.waiting = keys, open_requests, waiting
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def __contains__(self, tag) -> bool:
+        request = self.open.get(tag[0])
+        return request is not None and request.request.key in self.keys
+
+    def discard(self, tag) -> None:
+        request = self.open.get(tag[0])
+        if request is not None:
+            request.dropped += 1
+            self.forget_if_done(tag[0])
+
+    def forget_if_done(self, index: int) -> None:
+        """Forget a cancelled request none of whose prompts is on a row any more (those waiting never start)."""
+        request = self.open[index]
+        if any(p.tag[0] == index for p in self.waiting):
+            kept = [p for p in self.waiting if p.tag[0] != index]
+            self.waiting.clear()
+            self.waiting.extend(kept)
+        if request.dropped + len(request.answers) >= request.admitted:
+            del self.open[index]
+            self.keys.discard(request.request.key)
 
 
 class Kosmos2:
@@ -177,7 +212,9 @@ class Kosmos2:
         request's) for each request once all its answers have ended, in that order; `finish` makes results.
 
         `longest_prompt` bounds the prompts' tokens (default: the first requests' longest); `refill_share`: see
-        `generation.rows.stream` (default there). Requests' keys put into `cancelled` stop at the next step.
+        `generation.rows.stream` (default there). The key of a request taken and not yet answered, put into
+        `cancelled` (from any thread), stops its rows at the next step; its prompts still waiting never start, no
+        Started comes for it, and its key is removed once its rows are gone. Other keys are removed.
         With beams (`options.num_beams` > 1) requests are answered as static batches of `rows` prompts.
         """
         opts = options or self.options
@@ -195,6 +232,18 @@ class Kosmos2:
         numbers = itertools.count()
         run_sampling = self._sampling(opts)
         exhausted = False
+        keys = cancelled if cancelled is not None else set()
+        dropping = _CancelledRows(keys, open_requests, waiting)
+
+        def prune() -> None:
+            """Cancelled requests: their waiting prompts go; those with no row left are forgotten."""
+            if not keys:
+                return
+            mine = {request.request.key: index for index, request in open_requests.items()}
+            gone = [key for key in list(keys) if key not in mine]
+            keys.difference_update(gone)  # answered already (or never taken): nothing to stop
+            for index in {mine[key] for key in list(keys) if key in mine}:
+                dropping.forget_if_done(index)
 
         def accept(requests: list[Request]) -> None:
             for request in requests:
@@ -206,7 +255,11 @@ class Kosmos2:
                                                       batch["attention_mask"].bool(), strict=True):
                         tokenized[text] = ids[keep].tolist(), slots[keep].tolist()
                 own = request.options
-                sampling = None if own is None or own == opts else self._sampling(own)
+                # Rows that choose tokens as the run does share its sampling (one group per step, not one per
+                # request): greedy is greedy whatever the cap, temperature or top-k.
+                same = own is None or (not own.do_sample and not opts.do_sample) or \
+                    replace(own, max_new_tokens=opts.max_new_tokens) == opts
+                sampling = None if same else self._sampling(own)
                 cap = None if own is None else own.max_new_tokens
                 index = next(numbers)
                 open_requests[index] = _Open(request, mine, [tokenized[job.prompt][0] for job in mine])
@@ -216,6 +269,7 @@ class Kosmos2:
 
         def admit(count: int, wait: bool):
             nonlocal exhausted
+            prune()
             while len(waiting) < count and not exhausted:
                 got = take(count - len(waiting), wait and not waiting)
                 if got is None:
@@ -224,25 +278,36 @@ class Kosmos2:
                     break
                 else:
                     accept(got)
+                    prune()
             if not waiting:
                 return None if exhausted else []
-            return [waiting.popleft() for _ in range(min(count, len(waiting)))]
+            handed = [waiting.popleft() for _ in range(min(count, len(waiting)))]
+            for prompt in handed:
+                open_requests[prompt.tag[0]].admitted += 1
+            return handed
 
         first = take(rows, True)
         if not first:
             return
         accept(first)
+        prune()
+        if not waiting:
+            return
         longest = longest_prompt or max(len(p.ids) for p in waiting)
         share = {} if refill_share is None else {"refill_share": refill_share}
         answers = row_stream(self.model, admit, rows=rows, longest_prompt=longest,
                              max_new_tokens=opts.max_new_tokens, stops=[eos],
                              pad=self.model.config.text_config.pad_token_id, sampling=run_sampling, calm=calm,
-                             cancelled=cancelled, **share)
+                             cancelled=dropping, **share)
         for answer in answers:
             index, j = answer.tag
-            request = open_requests[index]
+            request = open_requests.get(index)
+            if request is None:
+                continue
             request.answers[j] = (answer.ids, answer.logprobs)
-            if len(request.answers) == len(request.jobs):
+            if keys and request.request.key in keys:  # cancelled while this row ended
+                dropping.forget_if_done(index)
+            elif len(request.answers) == len(request.jobs):
                 del open_requests[index]
                 yield self._started(request)
 

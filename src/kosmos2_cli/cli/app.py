@@ -102,10 +102,10 @@ def _root(
     """Kosmos-2 grounding on the command line."""
 
 
-from kosmos2_cli.cli.commands import ask, batch, caption, download, ground, info, refer, train  # noqa: E402
+from kosmos2_cli.cli.commands import ask, batch, caption, download, ground, info, refer, serve, train  # noqa: E402
 
 for command in (caption.caption, ground.ground, refer.refer, ask.ask, batch.batch, download.download, info.info,
-                train.train):
+                serve.serve, train.train):
     app.command()(command)
 
 from kosmos2_cli.cli.commands import convert, eval, export  # noqa: E402  (datasets, DESIGN §10)

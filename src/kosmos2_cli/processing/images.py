@@ -41,21 +41,45 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         with open(file, "rb") as handle:
             if file.stat().st_size == 0:
                 raise ImageLoadError(f"{name}: empty file, not an image")
-            with warnings.catch_warnings():
-                # Size is judged below against our own limit; Pillow's lower warning threshold would only be noise.
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                image = Image.open(handle)
-            width, height = image.size
-            if width * height > limit:
-                raise ImageLoadError(
-                    f"{name}: image too large ({width} x {height} = {width * height:,} pixels; the limit is "
-                    f"{limit:,}), refusing it as a possible decompression bomb"
-                )
-            try:
-                image.load()
-            except Exception as err:
-                raise ImageLoadError(f"{name}: truncated or corrupt image ({_reason(err)})") from err
-            image = _upright(image)
+            image = _decode(handle, name, limit)
+    except ImageLoadError:
+        raise
+    except PermissionError as err:
+        raise ImageLoadError(f"{name}: cannot read the file (permission denied)") from err
+    except OSError as err:
+        raise ImageLoadError(f"{name}: cannot read the file ({_reason(err)})") from err
+    return _convert(image, name)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int | None = None) -> Image.Image:
+    """`load_image` for an image that arrived as bytes (an upload): the same checks and messages, `name` being
+    only the label they carry (nothing is read from or written to disk)."""
+    import io
+
+    if not data:
+        raise ImageLoadError(f"{name}: empty file, not an image")
+    image = _decode(io.BytesIO(data), name, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
+    return _convert(image, name)
+
+
+def _decode(handle, name: str, limit: int) -> Image.Image:
+    """Open, check the size of, fully decode and turn upright the image in `handle`."""
+    try:
+        with warnings.catch_warnings():
+            # Size is judged below against our own limit; Pillow's lower warning threshold would only be noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(handle)
+        width, height = image.size
+        if width * height > limit:
+            raise ImageLoadError(
+                f"{name}: image too large ({width} x {height} = {width * height:,} pixels; the limit is "
+                f"{limit:,}), refusing it as a possible decompression bomb"
+            )
+        try:
+            image.load()
+        except Exception as err:
+            raise ImageLoadError(f"{name}: truncated or corrupt image ({_reason(err)})") from err
+        return _upright(image)
     except ImageLoadError:
         raise
     except UnidentifiedImageError as err:
@@ -66,6 +90,10 @@ def load_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         raise ImageLoadError(f"{name}: cannot read the file (permission denied)") from err
     except Exception as err:  # Pillow's plugins raise assorted errors (OSError, SyntaxError...) on bad data
         raise ImageLoadError(f"{name}: truncated or corrupt image ({_reason(err)})") from err
+
+
+def _convert(image: Image.Image, name: str) -> Image.Image:
+    """Modes the image processor does not take, converted to RGB (RGBA when there is transparency)."""
     if image.mode not in _PROCESSOR_MODES:
         try:
             has_alpha = "A" in image.getbands() or "transparency" in image.info

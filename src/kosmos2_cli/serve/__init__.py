@@ -1,0 +1,45 @@
+"""`kosmos2 serve`: one model shared by many clients over HTTP, their requests batched together (DESIGN §8).
+
+`Service.build` makes the scheduler and the app over a loaded engine; `serve.server.run` runs it with uvicorn.
+FastAPI, uvicorn and prometheus-client come with the `serve` extra.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kosmos2_cli.runtime.engine import PipelineEngine
+
+PROMPT_TOKENS = 160  # most tokens of a prompt, the image's 64 included (a question of ~80 words)
+
+
+@dataclass
+class Limits:
+    """What bounds the service: rows decoding at once, requests waiting, upload size, tokens per answer."""
+
+    rows: int = 0  # 0: as kosmos2 batch sizes its batches (the device's free memory; 8 on a CPU)
+    queue: int = 256
+    upload_bytes: int = 20 << 20
+    max_new_tokens: int = 128
+    prompt_tokens: int = PROMPT_TOKENS
+
+
+@dataclass
+class Service:
+    """A scheduler over one engine, and its ASGI app."""
+
+    scheduler: object
+    app: object
+
+    @classmethod
+    def build(cls, engine: PipelineEngine, model: str, limits: Limits, token: str | None = None,
+              refill_share: float | None = None, notice=None) -> Service:
+        from kosmos2_cli.runtime.runner import default_batch_size
+        from kosmos2_cli.serve.app import ServeConfig, create_app
+        from kosmos2_cli.serve.scheduler import Scheduler
+
+        rows = limits.rows or default_batch_size(engine)
+        scheduler = Scheduler(engine, rows, limits.queue, limits.prompt_tokens, limits.max_new_tokens,
+                              refill_share=refill_share, notice=notice)
+        app = create_app(scheduler, ServeConfig(model, token, limits.upload_bytes, limits.max_new_tokens))
+        return cls(scheduler, app)

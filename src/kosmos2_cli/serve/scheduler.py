@@ -1,0 +1,294 @@
+"""The one thread that owns the model in `kosmos2 serve`, and the bounded queue that feeds it.
+
+HTTP handlers prepare their image on a worker thread (`Work`), `submit` it and await its future. The model
+thread runs the row scheduler (`Kosmos2.stream`, continuous batching) over everything submitted: whenever rows
+free, the requests waiting are taken, their pictures encoded in one batch, and their prompts join the rows in
+flight, so no request waits for another's longest answer. A request ends with its `Started` (the answers'
+tokens); the handler makes the record off this thread (`finish`). A cancelled request (its client went away)
+frees its rows at the next step. Out of device memory, the requests in flight start again on half the rows; one
+that does not fit alone fails alone. `stop` drains: nothing new is accepted, what was accepted is answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kosmos2_cli.api.options import GenerationOptions
+from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.runtime.engine import Picture, PipelineEngine, is_out_of_memory
+
+SHRINK_AFTER = 1.0  # seconds without work before the rows narrow to the demand
+
+
+class QueueFull(Exception):
+    """The queue holds as many requests as it may: the client should retry later (HTTP 503)."""
+
+
+class Draining(Exception):
+    """The server is shutting down: it answers what it accepted, and accepts nothing new (HTTP 503)."""
+
+
+class TooBig(Exception):
+    """A request that does not fit in device memory even alone."""
+
+
+@dataclass(eq=False)
+class Work:
+    """One request, prepared: its task, the picture's size, its pixels (1, 3, H, W) and generation options."""
+
+    spec: TaskSpec
+    name: str
+    picture: Picture
+    pixels: np.ndarray
+    options: GenerationOptions
+    key: int = 0
+    future: Future = field(default_factory=Future)
+    submitted: float = 0.0
+
+    @property
+    def prompts(self) -> int:
+        return len(self.spec.jobs(0))
+
+
+class Scheduler:
+    """Feeds the engine's model from a bounded queue on a thread of its own; `rows` prompts decode at a time."""
+
+    def __init__(self, engine: PipelineEngine, rows: int, queue_limit: int, longest_prompt: int,
+                 max_new_tokens: int, refill_share: float | None = None,
+                 notice: Callable[[str], None] | None = None) -> None:
+        if rows < 1 or queue_limit < 1:
+            raise ValueError("rows and the queue length must be at least 1")
+        self.engine = engine
+        self.rows = rows  # the most rows (halved for good when the device runs out of memory)
+        self.stream_rows = 0  # the rows of the stream running now: the demand's power of two, up to `rows`
+        self.queue_limit = queue_limit
+        self.longest_prompt = longest_prompt
+        # The run's options: the requests' own choose their tokens and caps within them.
+        self.run_options = GenerationOptions(**{**engine.options.__dict__, "max_new_tokens": max_new_tokens,
+                                                "num_beams": 1})
+        self.refill_share = refill_share
+        self.notice = notice or (lambda message: None)
+        self._lock = threading.Condition()
+        self._queue: deque[Work] = deque()
+        self._in_flight: dict[int, Work] = {}  # taken by the model thread, not yet answered (insertion order)
+        self._cancelled: set[int] = set()  # keys of requests in flight whose clients went away
+        self._numbers = itertools.count(1)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._finishing = threading.Lock()
+        self.calm = threading.Event()  # cleared while the model thread launches a refill
+        self.calm.set()
+        self.failure: BaseException | None = None  # what stopped the model thread, if anything did
+        self._switch = sys.getswitchinterval()
+        self.prompt_lengths: dict[tuple[str, ...], int] = {}  # prompt texts -> tokens, image's included
+
+    # -- the handlers' side -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the model thread (the weights load first, if they have not)."""
+        self.engine.load()
+        # The model thread launches a device step every few ms and needs the GIL for it: hand it over within
+        # 1 ms instead of Python's default 5 while the handlers parse, prepare and finish.
+        sys.setswitchinterval(min(self._switch, 0.001))
+        self._thread = threading.Thread(target=self._run, daemon=True, name="kosmos2-serve-model")
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def submit(self, work: Work) -> Future:
+        """Queue `work`; its future gets the `Started` (or the exception) once its answers end."""
+        with self._lock:
+            if self._stopping:
+                raise Draining("the server is shutting down")
+            if len(self._queue) >= self.queue_limit:
+                raise QueueFull(f"the queue is full ({self.queue_limit} requests waiting); try again shortly")
+            work.key = next(self._numbers)
+            work.submitted = time.perf_counter()
+            self._queue.append(work)
+            self._lock.notify_all()
+        return work.future
+
+    def cancel(self, work: Work) -> None:
+        """The client went away: a waiting request leaves the queue, one in flight frees its rows."""
+        with self._lock:
+            if work in self._queue:
+                self._queue.remove(work)
+                work.future.cancel()
+            elif self._in_flight.pop(work.key, None) is not None:
+                self._cancelled.add(work.key)
+                work.future.cancel()
+
+    def finish(self, work: Work, started: Any) -> dict[str, Any]:
+        """The request's record, as `kosmos2 TASK IMAGE --json` prints it (CPU work, on the caller's thread)."""
+        self.calm.wait(1.0)  # keep out of the model thread's way while it launches a refill
+        with self._finishing:
+            return self.engine.finish(started, work.spec).to_dict()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain: accept nothing new, answer what is queued and in flight, then end the model thread."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        sys.setswitchinterval(self._switch)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def rows_in_flight(self) -> int:
+        """Prompts taken by the model thread and not yet answered (at most `rows` of them decode at once)."""
+        return sum(work.prompts for work in list(self._in_flight.values()))
+
+    # -- the model thread ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        kosmos = self.engine.kosmos
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping and not self._queue and not self._in_flight:
+                        return
+                try:
+                    with self._lock:
+                        self.stream_rows = self._rows_for_demand()
+                    for started in kosmos.stream(self._take, self.stream_rows, options=self.run_options,
+                                                 calm=self.calm,
+                                                 cancelled=self._cancelled, longest_prompt=self.longest_prompt,
+                                                 refill_share=self.refill_share):
+                        self._deliver(started)
+                except Exception as err:  # noqa: BLE001 - every request in flight hears of it; serving goes on
+                    self._recover(err)
+        except BaseException as err:  # the thread must not die silently: /healthz turns 503
+            self.failure = err
+            self._fail_all(err)
+            raise
+        finally:
+            self.calm.set()
+
+    def _take(self, count: int, wait: bool):
+        """Up to `count` prompts' worth of waiting requests (at least one), their pictures encoded in one batch;
+        [] when none waits (without `wait`), None once stopping with nothing left."""
+        from kosmos2_cli.api.pipeline import Request
+
+        with self._lock:
+            idle = time.perf_counter()
+            while not self._queue:
+                if self._stopping:
+                    return None
+                if not wait:
+                    return []
+                # Nothing runs while the rows wait for work: those finishing records need not keep out of the way.
+                self.calm.set()
+                self._lock.wait()
+                self.calm.clear()
+            # Rows sized to the demand: a lone request decodes at batch 1, a crowd on every row. More demand than
+            # rows ends this stream (its rows finish, then a wider one starts); after a quiet spell, a narrower.
+            wanted = self._rows_for_demand()
+            if wanted > self.stream_rows or (wait and wanted < self.stream_rows and
+                                             time.perf_counter() - idle >= SHRINK_AFTER):
+                return None
+            chosen: list[Work] = []
+            prompts = 0
+            while self._queue and (not chosen or prompts + self._queue[0].prompts <= count):
+                work = self._queue.popleft()
+                chosen.append(work)
+                prompts += work.prompts
+                self._in_flight[work.key] = work
+        import torch
+
+        kosmos = self.engine.kosmos
+        pixels = torch.from_numpy(np.concatenate([work.pixels for work in chosen]))
+        embeds = kosmos.encode_pixels(pixels).clone()
+        return [Request(work.key, work.name, work.picture, work.spec.jobs(0), row, work.options)
+                for work, row in zip(chosen, embeds, strict=True)]
+
+    def _rows_for_demand(self) -> int:
+        """The power of two of rows that holds every prompt taken or waiting, at most `rows` (lock held)."""
+        demand = sum(work.prompts for work in self._in_flight.values()) + sum(w.prompts for w in self._queue)
+        size = 1
+        while size < min(demand, self.rows):
+            size *= 2
+        return min(size, self.rows)
+
+    def _deliver(self, started) -> None:
+        with self._lock:
+            work = self._in_flight.pop(started.key, None)
+        if work is not None and not work.future.done():
+            work.future.set_result(started)
+
+    def _recover(self, err: Exception) -> None:
+        """Out of device memory: the requests in flight go back to the front of the queue and the rows halve (one
+        that does not fit alone fails alone). Any other error fails the requests in flight."""
+        with self._lock:
+            flight = list(self._in_flight.values())
+            self._in_flight.clear()
+            self._cancelled.clear()
+            if not is_out_of_memory(err):
+                self.notice(f"a model call failed ({type(err).__name__}: {err}); its requests get an error")
+                for work in flight:
+                    if not work.future.done():
+                        work.future.set_exception(err)
+                return
+            self.engine.free_memory()
+            size = min(self.stream_rows or self.rows, self.rows)  # the rows that did not fit
+            if size == 1 and flight:
+                oldest, flight = flight[0], flight[1:]
+                oldest.future.set_exception(TooBig(f"{oldest.name}: out of device memory even alone (try fewer new "
+                                                   "tokens, or float16)"))
+            elif size > 1:
+                self.rows = size // 2
+                self.notice(f"out of device memory with {size} rows; going on with at most {self.rows}")
+            self._queue.extendleft(reversed(flight))
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self._lock:
+            pending = [*self._in_flight.values(), *self._queue]
+            self._in_flight.clear()
+            self._queue.clear()
+            self._stopping = True
+        for work in pending:
+            if not work.future.done():
+                work.future.set_exception(RuntimeError(f"the model thread stopped ({type(err).__name__})"))
+
+
+def prepare_work(scheduler: Scheduler, spec: TaskSpec, upload: bytes, name: str,
+                 options: GenerationOptions) -> Work:
+    """Decode, check and preprocess an upload (CPU work for a worker thread) with the CLI's checks: raises
+    ImageLoadError (not an image, truncated, a decompression bomb) or PromptError (a box outside the picture, a
+    prompt longer than the rows allow)."""
+    from kosmos2_cli.api.prompts import PromptError, refer_prompt
+    from kosmos2_cli.processing.images import load_image_bytes
+
+    engine = scheduler.engine
+    image = load_image_bytes(upload, name)
+    spec.check_image(*image.size)
+    pixels = engine.processor.image_processor(image, return_tensors="np")["pixel_values"]
+    texts = tuple(spec.prompt_texts) or (refer_prompt((0, 0)),)  # refer's prompt: the same length for any box
+    picture = Picture(*image.size)
+    length = scheduler.prompt_lengths.get(texts)
+    if length is None:
+        length = int(engine.processor(text=list(texts), images=[picture] * len(texts), pixels=False,
+                                      num_image_tokens=engine.kosmos.model.config.latent_query_num,
+                                      return_tensors="pt")["attention_mask"].sum(1).max())
+        if len(scheduler.prompt_lengths) > 4096:  # questions are many: keep the cache bounded
+            scheduler.prompt_lengths.clear()
+        scheduler.prompt_lengths[texts] = length
+    if length > scheduler.longest_prompt:
+        raise PromptError(f"the prompt is too long ({length} tokens with the image's; at most "
+                          f"{scheduler.longest_prompt})")
+    return Work(spec, name, picture, pixels, options)
