@@ -36,6 +36,7 @@ class Task(str, Enum):
 
 
 PANEL = "Task"
+RAY = "Ray"
 
 
 @with_options(exclude=("draw",))
@@ -62,6 +63,14 @@ def batch(
                                                                       "replaced).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUT.jsonl afresh instead of resuming "
                                                                 "it.")] = False,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="[auto|ADDRESS]", flag_value="", rich_help_panel=RAY,
+                                            help="Run on a Ray cluster: this machine's (started if none runs; "
+                                                 "RAY_ADDRESS joins one), auto (a running one) or ADDRESS. Put it "
+                                                 "after the inputs. INPUT may then also be a .txt list of paths "
+                                                 "or a URI (s3://, gs://).", show_default=False)] = None,
+    ray_actors: Annotated[int, typer.Option("--ray-actors", metavar="N", min=0, rich_help_panel=RAY,
+                                            help="--ray: model actors (0: one per GPU of the cluster, or 1 on "
+                                                 "CPUs).")] = 0,
     settings: Settings = None,
 ) -> None:
     """Run one task over many images into a JSON-lines file, one line per image.
@@ -81,6 +90,13 @@ def batch(
     spec = task_spec(name, detailed=detailed, phrases=phrase, box=box, normalized=normalized, question=question)
     if retry_failed and overwrite:
         raise CliError("--retry-failed and --overwrite do not go together")
+    if ray is not None:
+        from kosmos2_cli.cli.commands.batch_ray import run_ray_batch
+
+        exit_with(lambda: run_ray_batch(spec, inputs, output, settings, ray, ray_actors, overwrite=overwrite,
+                                        retry_failed=retry_failed))
+    if ray_actors:
+        raise CliError("--ray-actors applies with --ray only")
     exit_with(lambda: run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed))
 
 

@@ -1,0 +1,149 @@
+"""`kosmos2 batch --ray`: plain batch's output file, resume, error records, progress, summary and exit codes,
+with the images answered on a Ray cluster (`kosmos2_cli.distributed`, DESIGN §9).
+
+The driver lists the inputs and drops what OUT already holds before it submits anything; records come back in
+any order and each is written whole and flushed as it arrives, once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from kosmos2_cli.api.tasks import TaskSpec, record_key, spec_key
+from kosmos2_cli.cli.commands.batch import Summary, Terminated, _finish, _sigterm_as_interrupt
+from kosmos2_cli.cli.errors import CliError, ExitCode
+from kosmos2_cli.cli.options import Settings
+from kosmos2_cli.cli.render import Reporter
+
+
+def cluster_address(value: str) -> str | None:
+    """`--ray`'s value: None (RAY_ADDRESS, a cluster running here, or a new local one), auto, local or an
+    address; a word that is none of these is most likely an input the option swallowed."""
+    value = value.strip()
+    if value in ("", "auto", "local") or ":" in value:
+        return value or None
+    raise CliError(f"--ray {value!r}: not auto, local or a cluster address HOST:PORT",
+                   hint="an input? put --ray after the inputs, or give it a value")
+
+
+def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, ray: str, actors: int,
+                  *, overwrite: bool = False, retry_failed: bool = False) -> ExitCode:
+    """Run `spec` over every image of `inputs` on a Ray cluster, appending one record per image to `output`."""
+    address = cluster_address(ray)
+    try:
+        from kosmos2_cli.distributed.driver import RayUnavailable, require_ray
+
+        require_ray()
+    except RayUnavailable as err:
+        raise CliError.of(err) from err
+    from kosmos2_cli.distributed.listing import list_inputs
+    from kosmos2_cli.runtime.inputs import InputError
+    from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
+
+    reporter = Reporter(json_mode=False, quiet=settings.quiet)
+    if settings.annotate_dir:
+        raise CliError("--annotate-dir does not go with --ray (the pictures stay on the cluster's workers)")
+    for warning in settings.check():
+        reporter.warning(warning)
+    if settings.workers:
+        reporter.warning("--workers does not apply with --ray: Ray's CPU tasks prepare the images")
+    try:
+        listing = list_inputs(inputs)
+    except InputError as err:
+        raise CliError.of(err) from err
+    summary = Summary(str(output), images=len(listing))
+    retry = _retry_predicate(spec, output, listing) if retry_failed and not overwrite else None
+    try:
+        results = ResultsFile(output, record_key, overwrite=overwrite, retry_failed=retry)
+    except OutputFileError as err:
+        raise CliError.of(err) from err
+    with results:
+        if results.truncated:
+            reporter.note(f"{output}: cut off a partial last line left by an interrupted run")
+        if results.dropped:
+            reporter.note(f"{output}: removed {results.dropped} error record(s) to retry them")
+        todo = listing.pending(results.done, spec)
+        summary.done_before = len(listing) - len(todo)
+        summary.failed_before = listing.count_in(results.failed, spec)
+        if summary.done_before and len(todo):
+            reporter.note(f"resuming: {summary.done_before} of {len(listing)} images are already in {output}")
+        if len(todo):
+            _process(spec, todo, len(todo), results, settings, address, actors, reporter, summary)
+    return _finish(summary, settings, reporter)
+
+
+def _retry_predicate(spec: TaskSpec, output: Path, listing):
+    """--retry-failed: which error records to drop (this query's, for images of the inputs), found by one read of
+    the file and one vectorised lookup in the listing (no set of every listed name)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    failed = []
+    if output.is_file():
+        with open(output, "rb") as handle:
+            for line in handle:
+                if b'"error"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("image"), str) and "error" in record and \
+                        record_key(record) == spec_key(spec, record["image"]):
+                    failed.append(record["image"])
+    if not failed:
+        return lambda record: False
+    candidates = pa.array(failed, pa.string())
+    chosen = set(candidates.filter(pc.is_in(candidates, value_set=listing.names.combine_chunks())).to_pylist())
+    return lambda record: record.get("image") in chosen and record_key(record) == spec_key(spec, record["image"])
+
+
+def _process(spec: TaskSpec, names, count: int, results, settings: Settings, address: str | None, actors: int,
+             reporter: Reporter, summary: Summary) -> None:
+    from kosmos2_cli.cli.session import find_model, refill_share
+    from kosmos2_cli.distributed.driver import Cluster, ClusterError
+    from kosmos2_cli.distributed.stages import Job
+    from kosmos2_cli.runtime.engine import ModelLoadError, check_model_folder
+
+    folder = find_model(settings.model, settings.revision, reporter)
+    try:
+        check_model_folder(folder)
+    except ModelLoadError as err:
+        raise CliError.of(err, ExitCode.MODEL) from err
+    share = refill_share()
+    start = time.perf_counter()
+    try:
+        with _sigterm_as_interrupt(), reporter.progress(count, "starting Ray") as progress:
+            try:
+                cluster = Cluster(address)
+            except ClusterError as err:
+                raise CliError.of(err) from err
+            with cluster:
+                try:
+                    device, actors = cluster.plan(settings.device, actors)
+                except ClusterError as err:
+                    raise CliError.of(err) from err
+                job = Job(spec, str(folder), settings.model, settings.revision, device, settings.dtype,
+                          settings.generation_options(), share, settings.batch_size)
+                if progress is not None:
+                    progress.update(progress.task_ids[0], description=f"{spec.describe()} on {actors} "
+                                    f"{'GPU' if device == 'cuda' else 'CPU'} actor{'s' * (actors != 1)}")
+                try:
+                    for record in cluster.records(job, names, actors, results.done):
+                        results.write(record)
+                        if "error" in record:
+                            reporter.error(record["error"])
+                        if progress is not None:
+                            progress.advance(progress.task_ids[0])
+                except ClusterError as err:
+                    raise CliError.of(err, ExitCode.MODEL if "ModelLoadError" in str(err) else
+                                      ExitCode.INTERNAL) from err
+    except KeyboardInterrupt as err:
+        summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+    finally:
+        summary.seconds = time.perf_counter() - start
+        summary.processed, summary.failed = results.appended()
