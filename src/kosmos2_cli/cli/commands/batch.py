@@ -63,11 +63,14 @@ def batch(
                                                                       "replaced).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUT.jsonl afresh instead of resuming "
                                                                 "it.")] = False,
-    ray: Annotated[str | None, typer.Option("--ray", metavar="[auto|ADDRESS]", flag_value="", rich_help_panel=RAY,
-                                            help="Run on a Ray cluster: this machine's (started if none runs; "
-                                                 "RAY_ADDRESS joins one), auto (a running one) or ADDRESS. Put it "
-                                                 "after the inputs. INPUT may then also be a .txt list of paths "
-                                                 "or a URI (s3://, gs://).", show_default=False)] = None,
+    ray: Annotated[bool, typer.Option("--ray", rich_help_panel=RAY,
+                                      help="Run on a Ray cluster: --ray-address's, RAY_ADDRESS's, one running on "
+                                           "this machine, or else a new local one over its GPUs. INPUT may then "
+                                           "also be a .txt list of paths or a URI (s3://, gs://, file://).")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", metavar="auto|local|ADDRESS",
+                                                    rich_help_panel=RAY, show_default=False,
+                                                    help="The cluster (implies --ray): auto (a running one), local "
+                                                         "(a new one here) or HOST:PORT / ray://HOST:PORT.")] = None,
     ray_actors: Annotated[int, typer.Option("--ray-actors", metavar="N", min=0, rich_help_panel=RAY,
                                             help="--ray: model actors (0: one per GPU of the cluster, or 1 on "
                                                  "CPUs).")] = 0,
@@ -90,11 +93,11 @@ def batch(
     spec = task_spec(name, detailed=detailed, phrases=phrase, box=box, normalized=normalized, question=question)
     if retry_failed and overwrite:
         raise CliError("--retry-failed and --overwrite do not go together")
-    if ray is not None:
+    if ray or ray_address is not None:
         from kosmos2_cli.cli.commands.batch_ray import run_ray_batch
 
-        exit_with(lambda: run_ray_batch(spec, inputs, output, settings, ray, ray_actors, overwrite=overwrite,
-                                        retry_failed=retry_failed))
+        exit_with(lambda: run_ray_batch(spec, inputs, output, settings, ray_address, ray_actors,
+                                        overwrite=overwrite, retry_failed=retry_failed))
     if ray_actors:
         raise CliError("--ray-actors applies with --ray only")
     exit_with(lambda: run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed))

@@ -18,20 +18,22 @@ from kosmos2_cli.cli.options import Settings
 from kosmos2_cli.cli.render import Reporter
 
 
-def cluster_address(value: str) -> str | None:
-    """`--ray`'s value: None (RAY_ADDRESS, a cluster running here, or a new local one), auto, local or an
-    address; a word that is none of these is most likely an input the option swallowed."""
+def cluster_address(value: str | None) -> str | None:
+    """`--ray-address`: None (RAY_ADDRESS, a cluster running here, or a new local one), auto, local or an
+    address (HOST:PORT, ray://HOST:PORT)."""
+    if value is None:
+        return None
     value = value.strip()
-    if value in ("", "auto", "local") or ":" in value:
-        return value or None
-    raise CliError(f"--ray {value!r}: not auto, local or a cluster address HOST:PORT",
-                   hint="an input? put --ray after the inputs, or give it a value")
+    if value in ("auto", "local") or ":" in value:
+        return value
+    raise CliError(f"--ray-address {value!r}: not auto, local or a cluster address HOST:PORT")
 
 
-def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, ray: str, actors: int,
+def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, ray_address: str | None,
+                  actors: int,
                   *, overwrite: bool = False, retry_failed: bool = False) -> ExitCode:
     """Run `spec` over every image of `inputs` on a Ray cluster, appending one record per image to `output`."""
-    address = cluster_address(ray)
+    address = cluster_address(ray_address)
     try:
         from kosmos2_cli.distributed.driver import RayUnavailable, require_ray
 
