@@ -17,6 +17,7 @@ import os
 import re
 import warnings
 from collections.abc import Container, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,25 @@ def require_ray() -> None:
         raise RayUnavailable("Ray is not installed") from err
 
 
+@contextmanager
+def _native_stderr_muted() -> Iterator[None]:
+    """Ray's C++ core announces its log level on the process's stderr as it starts: not for our users. Python's
+    own writes wait in their buffers meanwhile; exceptions still come through."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _quiet() -> None:
     """Ray's and Ray Data's own logs and progress bars off: the caller shows its own progress."""
     import ray.data
@@ -91,15 +111,8 @@ class Cluster:
                                   "runtime_env": {"py_modules": [str(package)], "excludes": ["__pycache__"]}}
         local = {"include_dashboard": False}
         try:
-            if address is None and not os.environ.get("RAY_ADDRESS"):
-                try:
-                    ray.init(address="auto", **kwargs)
-                except ConnectionError:
-                    ray.init(address="local", **kwargs, **local)
-            elif address == "local":
-                ray.init(address="local", **kwargs, **local)
-            else:
-                ray.init(address=address, **kwargs)
+            with _native_stderr_muted():
+                self._init(ray, address, kwargs, local)
         except ConnectionError as err:
             raise ClusterError(f"no Ray cluster at {address or os.environ.get('RAY_ADDRESS')} "
                                f"({' '.join(str(err).split())})", advice="ray_address") from err
@@ -110,6 +123,18 @@ class Cluster:
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))
         self.cpus = int(resources.get("CPU", 0))
+
+    @staticmethod
+    def _init(ray, address: str | None, kwargs: dict[str, Any], local: dict[str, Any]) -> None:
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            try:
+                ray.init(address="auto", **kwargs)
+            except ConnectionError:
+                ray.init(address="local", **kwargs, **local)
+        elif address == "local":
+            ray.init(address="local", **kwargs, **local)
+        else:
+            ray.init(address=address, **kwargs)
 
     def plan(self, device: str, actors: int) -> tuple[str, int]:
         """(actor device "cuda" or "cpu", number of model actors) for the user's device and actor count
