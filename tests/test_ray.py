@@ -279,3 +279,14 @@ def test_a_uri_is_prepared_as_its_file_is(tree, model):
     assert np.array_equal(rows["pixels"][0], rows["pixels"][1]) and rows["pixels"][0].std() > 0
     assert list(rows["error"][:2]) == ["", ""] and (rows["width"][1], rows["height"][1]) == (8, 8)
     assert rows["error"][2] == f"{names[2]}: not an image file (cannot identify image format)"
+
+
+def test_a_workers_error_is_told_by_its_root_cause():
+    from kosmos2_cli.distributed.driver import _worker_error
+
+    report = ("ray.exceptions.ActorDiedError: The actor died because of an error raised in its creation task\n"
+              "  File \"engine.py\", line 262, in _loading\n    raise ModelLoadError(message)\n"
+              "ValueError: unknown dtype 'x'\n\nThe above exception was the direct cause of the following exception:\n"
+              "kosmos2_cli.runtime.engine.ModelLoadError: /models/k2: unknown dtype 'x'\n")
+    assert _worker_error(RuntimeError(report)) == ("ModelLoadError", "/models/k2: unknown dtype 'x'")
+    assert _worker_error(RuntimeError("no pattern here")) == ("RuntimeError", "no pattern here")

@@ -45,9 +45,10 @@ class RayUnavailable(ImportError):
 class ClusterError(RuntimeError):
     """The cluster cannot run this job: not reachable, not enough GPUs, a worker that cannot start."""
 
-    def __init__(self, message: str, advice: str | None = None) -> None:
+    def __init__(self, message: str, advice: str | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.advice = advice
+        self.kind = kind  # a worker's error: its exception's class name (e.g. ModelLoadError)
 
 
 def require_ray() -> None:
@@ -79,17 +80,27 @@ def _native_stderr_muted() -> Iterator[None]:
 
 
 def _quiet() -> None:
-    """Ray's and Ray Data's own logs and progress bars off: the caller shows its own progress."""
+    """Ray's and Ray Data's own console output off (their log files stay complete): the caller shows its own
+    progress, one-line errors and, with --json, a summary object on stdout that nothing else may write to."""
+    import ray._private.worker as ray_worker
     import ray.data
 
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    data_logger = logging.getLogger("ray.data")
+    for handler in list(data_logger.handlers):
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            data_logger.removeHandler(handler)  # Ray Data's console handler; its ray-data.log keeps everything
     warnings.filterwarnings("ignore", module=r"ray(\.|$)")  # tuning advice for Ray Data's users, not ours
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     for attribute in ("print_on_execution_start", "enable_operator_progress_bars", "verbose_progress"):
         if hasattr(context, attribute):
             setattr(context, attribute, False)
+    # The cluster's notices to this driver ("task failed, will be retried", printed on stdout): to the log.
+    if hasattr(ray_worker, "print_to_stdstream"):
+        notices = logging.getLogger("kosmos2_cli.distributed.ray")
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: notices.debug(
+            "%s", "\n".join(data.get("lines", ())))
 
 
 class Cluster:
@@ -194,7 +205,8 @@ class Cluster:
                         continue
                     yield record
         except ray.exceptions.RayError as err:
-            raise ClusterError(f"the Ray job failed: {_first_line(err)}") from err
+            kind, message = _worker_error(err)
+            raise ClusterError(message, kind=kind) from err
 
     def close(self) -> None:
         import ray
@@ -209,12 +221,16 @@ class Cluster:
         self.close()
 
 
-_EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b(: .*)?$")
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt))\b: (.*)$")
 
 
-def _first_line(err: BaseException) -> str:
-    """What went wrong on the worker, on one line: the last `SomeError: message` line of Ray's report."""
+def _worker_error(err: BaseException) -> tuple[str, str]:
+    """(exception class name, message) of what went wrong on the worker: the last `SomeError: message` line of
+    Ray's report (the root cause comes last)."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    found = [line for line in lines if _EXCEPTION_LINE.match(line) and ": " in line]
-    message = found[-1] if found else (lines[-1] if lines else type(err).__name__)
-    return message if len(message) <= 300 else message[:297] + "..."
+    found = [match for line in lines if (match := _EXCEPTION_LINE.match(line))]
+    if found:
+        kind, message = found[-1].group(1), found[-1].group(2)
+    else:
+        kind, message = type(err).__name__, lines[-1] if lines else ""
+    return kind, message if len(message) <= 300 else message[:297] + "..."

@@ -129,6 +129,7 @@ def _process(spec: TaskSpec, names, count: int, results, settings: Settings, add
                     device, actors = cluster.plan(settings.device, actors)
                 except ClusterError as err:
                     raise CliError.of(err) from err
+                _check_dtype(settings.dtype, device)
                 job = Job(spec, str(folder), settings.model, settings.revision, device, settings.dtype,
                           settings.generation_options(), share, settings.batch_size)
                 if progress is not None:
@@ -142,10 +143,25 @@ def _process(spec: TaskSpec, names, count: int, results, settings: Settings, add
                         if progress is not None:
                             progress.advance(progress.task_ids[0])
                 except ClusterError as err:
-                    raise CliError.of(err, ExitCode.MODEL if "ModelLoadError" in str(err) else
-                                      ExitCode.INTERNAL) from err
+                    if err.kind == "ModelLoadError":
+                        raise CliError(str(err), ExitCode.MODEL) from err
+                    raise CliError(f"a Ray worker failed: {err.kind}: {err}", ExitCode.INTERNAL,
+                                   hint="its traceback is in the Ray session's logs") from err
     except KeyboardInterrupt as err:
         summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
     finally:
         summary.seconds = time.perf_counter() - start
         summary.processed, summary.failed = results.appended()
+
+
+def _check_dtype(dtype: str, device: str) -> None:
+    """A dtype the actors' device cannot take fails here, once, rather than in every actor."""
+    import torch
+
+    from kosmos2_cli.model.devices import resolve_dtype
+
+    if dtype.strip().lower() != "auto":  # auto is decided on each actor, by its own GPU
+        try:
+            resolve_dtype(dtype, torch.device(device))
+        except ValueError as err:
+            raise CliError.of(err) from err
