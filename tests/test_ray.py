@@ -30,6 +30,7 @@ from cli_helpers import (
     truncated_jpeg,
 )
 
+from kosmos2_cli.api.results import Failure
 from kosmos2_cli.cli.errors import ExitCode
 
 trained = pytest.importorskip("trained")
@@ -290,3 +291,18 @@ def test_a_workers_error_is_told_by_its_root_cause():
               "kosmos2_cli.runtime.engine.ModelLoadError: /models/k2: unknown dtype 'x'\n")
     assert _worker_error(RuntimeError(report)) == ("ModelLoadError", "/models/k2: unknown dtype 'x'")
     assert _worker_error(RuntimeError("no pattern here")) == ("RuntimeError", "no pattern here")
+
+
+def test_retry_failed_picks_this_querys_error_records_of_listed_images(tree):
+    from kosmos2_cli.api.tasks import TaskSpec
+    from kosmos2_cli.cli.commands.batch_ray import retry_predicate
+    from kosmos2_cli.distributed.listing import list_inputs
+
+    caption, ask = TaskSpec.build("caption"), TaskSpec.build("ask", question="Why?")
+    failed = [caption.failure_record(Failure("a/x.png", "bad", "caption")),
+              ask.failure_record(Failure("a/y.JPG", "bad", "ask")),
+              caption.failure_record(Failure("elsewhere.png", "bad", "caption"))]
+    out = tree / "out.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in failed) + '{"image": "a/sub/z.png", "task": "caption"}\n')
+    pick = retry_predicate(caption, out, list_inputs(["a"]))
+    assert [pick(r) for r in failed] == [True, False, False]

@@ -1,5 +1,5 @@
-"""`kosmos2 batch --ray`: plain batch's output file, resume, error records, progress, summary and exit codes,
-with the images answered on a Ray cluster (`kosmos2_cli.distributed`, DESIGN §9).
+"""`kosmos2 batch --ray`: the images answered on a Ray cluster (`kosmos2_cli.distributed`, DESIGN §9), for
+`batch.run_ray_batch`, which keeps plain batch's output file, resume, summary and exit codes.
 
 The driver lists the inputs and drops what OUT already holds before it submits anything; records come back in
 any order and each is written whole and flushed as it arrives, once.
@@ -7,15 +7,17 @@ any order and each is written whole and flushed as it arrives, once.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kosmos2_cli.api.tasks import TaskSpec, record_key, spec_key
-from kosmos2_cli.cli.commands.batch import Summary, Terminated, _finish, _sigterm_as_interrupt
 from kosmos2_cli.cli.errors import CliError, ExitCode
 from kosmos2_cli.cli.options import Settings
 from kosmos2_cli.cli.render import Reporter
+
+if TYPE_CHECKING:
+    from kosmos2_cli.distributed.listing import Listing
 
 
 def cluster_address(value: str | None) -> str | None:
@@ -29,10 +31,9 @@ def cluster_address(value: str | None) -> str | None:
     raise CliError(f"--ray-address {value!r}: not auto, local or a cluster address HOST:PORT")
 
 
-def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, ray_address: str | None,
-                  actors: int,
-                  *, overwrite: bool = False, retry_failed: bool = False) -> ExitCode:
-    """Run `spec` over every image of `inputs` on a Ray cluster, appending one record per image to `output`."""
+def start(settings: Settings, inputs: Sequence[str], ray_address: str | None,
+          reporter: Reporter) -> tuple[str | None, Listing]:
+    """(the cluster's address, the images of the inputs), once the options are checked and Ray is found."""
     address = cluster_address(ray_address)
     try:
         from kosmos2_cli.distributed.driver import RayUnavailable, require_ray
@@ -42,9 +43,7 @@ def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings:
         raise CliError.of(err) from err
     from kosmos2_cli.distributed.listing import list_inputs
     from kosmos2_cli.runtime.inputs import InputError
-    from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
 
-    reporter = Reporter(json_mode=False, quiet=settings.quiet)
     if settings.annotate_dir:
         raise CliError("--annotate-dir does not go with --ray (the pictures stay on the cluster's workers)")
     for warning in settings.check():
@@ -52,31 +51,12 @@ def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings:
     if settings.workers:
         reporter.warning("--workers does not apply with --ray: Ray's CPU tasks prepare the images")
     try:
-        listing = list_inputs(inputs)
+        return address, list_inputs(inputs)
     except InputError as err:
         raise CliError.of(err) from err
-    summary = Summary(str(output), images=len(listing))
-    retry = _retry_predicate(spec, output, listing) if retry_failed and not overwrite else None
-    try:
-        results = ResultsFile(output, record_key, overwrite=overwrite, retry_failed=retry)
-    except OutputFileError as err:
-        raise CliError.of(err) from err
-    with results:
-        if results.truncated:
-            reporter.note(f"{output}: cut off a partial last line left by an interrupted run")
-        if results.dropped:
-            reporter.note(f"{output}: removed {results.dropped} error record(s) to retry them")
-        todo = listing.pending(results.done, spec)
-        summary.done_before = len(listing) - len(todo)
-        summary.failed_before = listing.count_in(results.failed, spec)
-        if summary.done_before and len(todo):
-            reporter.note(f"resuming: {summary.done_before} of {len(listing)} images are already in {output}")
-        if len(todo):
-            _process(spec, todo, len(todo), results, settings, address, actors, reporter, summary)
-    return _finish(summary, settings, reporter)
 
 
-def _retry_predicate(spec: TaskSpec, output: Path, listing):
+def retry_predicate(spec: TaskSpec, output: Path, listing: Listing):
     """--retry-failed: which error records to drop (this query's, for images of the inputs), found by one read of
     the file and one vectorised lookup in the listing (no set of every listed name)."""
     import json
@@ -104,8 +84,10 @@ def _retry_predicate(spec: TaskSpec, output: Path, listing):
     return lambda record: record.get("image") in chosen and record_key(record) == spec_key(spec, record["image"])
 
 
-def _process(spec: TaskSpec, names, count: int, results, settings: Settings, address: str | None, actors: int,
-             reporter: Reporter, summary: Summary) -> None:
+def process(spec: TaskSpec, names, results, settings: Settings, address: str | None, actors: int,
+            reporter: Reporter) -> None:
+    """Answer `names` on the cluster, writing each record to `results` as it comes back (once). Ctrl-C and
+    SIGTERM come through as KeyboardInterrupt, for the caller's summary."""
     from kosmos2_cli.cli.session import find_model, refill_share
     from kosmos2_cli.distributed.driver import Cluster, ClusterError
     from kosmos2_cli.distributed.stages import Job
@@ -117,41 +99,34 @@ def _process(spec: TaskSpec, names, count: int, results, settings: Settings, add
     except ModelLoadError as err:
         raise CliError.of(err, ExitCode.MODEL) from err
     share = refill_share()
-    start = time.perf_counter()
-    try:
-        with _sigterm_as_interrupt(), reporter.progress(count, "starting Ray") as progress:
+    with reporter.progress(len(names), "starting Ray") as progress:
+        try:
+            cluster = Cluster(address)
+        except ClusterError as err:
+            raise CliError.of(err) from err
+        with cluster:
             try:
-                cluster = Cluster(address)
+                device, actors = cluster.plan(settings.device, actors)
             except ClusterError as err:
                 raise CliError.of(err) from err
-            with cluster:
-                try:
-                    device, actors = cluster.plan(settings.device, actors)
-                except ClusterError as err:
-                    raise CliError.of(err) from err
-                _check_dtype(settings.dtype, device)
-                job = Job(spec, str(folder), settings.model, settings.revision, device, settings.dtype,
-                          settings.generation_options(), share, settings.batch_size)
-                if progress is not None:
-                    progress.update(progress.task_ids[0], description=f"{spec.describe()} on {actors} "
-                                    f"{'GPU' if device == 'cuda' else 'CPU'} actor{'s' * (actors != 1)}")
-                try:
-                    for record in cluster.records(job, names, actors, results.done):
-                        results.write(record)
-                        if "error" in record:
-                            reporter.error(record["error"])
-                        if progress is not None:
-                            progress.advance(progress.task_ids[0])
-                except ClusterError as err:
-                    if err.kind == "ModelLoadError":
-                        raise CliError(str(err), ExitCode.MODEL) from err
-                    raise CliError(f"a Ray worker failed: {err.kind}: {err}", ExitCode.INTERNAL,
-                                   hint="its traceback is in the Ray session's logs") from err
-    except KeyboardInterrupt as err:
-        summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
-    finally:
-        summary.seconds = time.perf_counter() - start
-        summary.processed, summary.failed = results.appended()
+            _check_dtype(settings.dtype, device)
+            job = Job(spec, str(folder), settings.model, settings.revision, device, settings.dtype,
+                      settings.generation_options(), share, settings.batch_size)
+            if progress is not None:
+                progress.update(progress.task_ids[0], description=f"{spec.describe()} on {actors} "
+                                f"{'GPU' if device == 'cuda' else 'CPU'} actor{'s' * (actors != 1)}")
+            try:
+                for record in cluster.records(job, names, actors, results.done):
+                    results.write(record)
+                    if "error" in record:
+                        reporter.error(record["error"])
+                    if progress is not None:
+                        progress.advance(progress.task_ids[0])
+            except ClusterError as err:
+                if err.kind == "ModelLoadError":
+                    raise CliError(str(err), ExitCode.MODEL) from err
+                raise CliError(f"a Ray worker failed: {err.kind}: {err}", ExitCode.INTERNAL,
+                               hint="its traceback is in the Ray session's logs") from err
 
 
 def _check_dtype(dtype: str, device: str) -> None:
