@@ -106,7 +106,7 @@ def list_inputs(inputs: Iterable[str]) -> Listing:
     first = table.group_by("real", use_threads=False).aggregate([("order", "min")])["order_min"]
     if len(first) < len(table):  # some image was reached twice: keep its first name
         table = table.take(pc.take(first, pc.sort_indices(first)))
-    return Listing(table["image"].combine_chunks() if table.num_rows else pa.chunked_array([], pa.string()))
+    return Listing(pa.chunked_array([table["image"].combine_chunks()], pa.string()))
 
 
 def _chunks(pairs: Iterator[tuple[str, str]]) -> Iterator[tuple[pa.Array, pa.Array]]:
