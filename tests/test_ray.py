@@ -1,8 +1,8 @@
 """`kosmos2 batch --ray` (DESIGN §9) on a real local Ray cluster, started once for this module.
 
 The runs are `kosmos2` processes that join the cluster as users' drivers do: two model actors give the same
-records as plain `batch` (error records of bad images included) on the trained checkpoint; a SIGKILLed driver
-and a rerun give every image exactly once; a model actor SIGKILLed mid-run is restarted by Ray and the run ends
+records as plain `batch` (error records of bad images included) on the trained checkpoint; a driver stopped by
+SIGTERM, then one SIGKILLed, then a rerun give every image exactly once; a model actor SIGKILLed mid-run is restarted by Ray and the run ends
 with every image exactly once. Without Ray, `--ray` is a one-line error. The driver's listing (folders, text
 lists, pyarrow URIs, the resume filter) is checked against plain batch's own expansion.
 """
@@ -137,24 +137,35 @@ def _photos(folder: Path, count: int) -> list[Path]:
 SLOW = ["--max-new-tokens", "24", "--batch-size", "1"]  # random weights rarely stop: 24 tokens an image
 
 
-def test_killed_driver_then_rerun_gives_every_image_once(ray_address, model, tmp_path):
-    """The inputs as a text file of paths; records come back two at a time (KOSMOS2_RAY_BATCH=2)."""
-    paths = _photos(tmp_path / "many", 20)
+def test_stopped_and_killed_driver_then_rerun_gives_every_image_once(ray_address, model, tmp_path):
+    """SIGTERM stops the driver cleanly (exit 143, whole lines, the interrupted line); SIGKILL of the next run
+    loses at most what was in flight; a third run finishes. The inputs are a text file of paths; records come
+    back two at a time (KOSMOS2_RAY_BATCH=2)."""
+    paths = _photos(tmp_path / "many", 30)
     listing = tmp_path / "paths.txt"
     listing.write_text("# the pictures\n" + "".join(f"{p}\n" for p in paths) + "\n")
     out = tmp_path / "out.jsonl"
     args = [listing, "-o", out, "--model", model, *SLOW, "--ray-actors", "2"]
-    process = ray_batch(ray_address, *args, KOSMOS2_RAY_BATCH="2")
-    wait_for_lines(process, out, 2)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+    stopped = ray_batch(ray_address, *args, KOSMOS2_RAY_BATCH="2")
+    wait_for_lines(stopped, out, 2)
+    stopped.send_signal(signal.SIGTERM)
+    _, stderr = stopped.communicate(timeout=60)
+    assert stopped.returncode == ExitCode.TERMINATED, stderr
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and "Traceback" not in stderr
+    done = len(records(out))
+    assert f"interrupted: {done} of 30 images are in {out} ({30 - done} to go)" in " ".join(stderr.split())
+    killed = ray_batch(ray_address, *args, KOSMOS2_RAY_BATCH="2")
+    wait_for_lines(killed, out, done + 2)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
     written = records(out)
-    assert 2 <= len(written) < 20, "the run ended before it could be killed"
+    assert done + 2 <= len(written) < 30, "the run ended before it could be killed"
     rerun = ray_batch(ray_address, *args, KOSMOS2_RAY_BATCH="2")
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
-    assert f"resuming: {len(written)} of 20 images are already in {out}" in " ".join(stderr.split())
+    assert f"resuming: {len(written)} of 30 images are already in {out}" in " ".join(stderr.split())
     assert sorted(r["image"] for r in records(out)) == sorted(map(str, paths))  # each once
     assert all(r["text"] for r in records(out))
 

@@ -70,7 +70,7 @@ def batch(
     ray_address: Annotated[str | None, typer.Option("--ray-address", metavar="auto|local|ADDRESS",
                                                     rich_help_panel=RAY, show_default=False,
                                                     help="The cluster (implies --ray): auto (a running one), local "
-                                                         "(a new one here) or HOST:PORT / ray://HOST:PORT.")] = None,
+                                                         "(a new one here) or HOST:PORT.")] = None,
     ray_actors: Annotated[int, typer.Option("--ray-actors", metavar="N", min=0, rich_help_panel=RAY,
                                             help="--ray: model actors (0: one per GPU of the cluster, or 1 on "
                                                  "CPUs).")] = 0,
@@ -167,9 +167,8 @@ def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings:
             reporter.note(f"resuming: {summary.done_before} of {len(listing)} images are already in {output}")
         if len(todo):
             start = time.perf_counter()
-            try:
-                with _sigterm_as_interrupt():
-                    batch_ray.process(spec, todo, results, settings, address, actors, reporter)
+            try:  # SIGTERM is handled once Ray has started (its core sets a handler of its own)
+                batch_ray.process(spec, todo, results, settings, address, actors, reporter, _sigterm_as_interrupt)
             except KeyboardInterrupt as err:
                 summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
             finally:

@@ -7,7 +7,8 @@ any order and each is written whole and flushed as it arrives, once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,9 +86,10 @@ def retry_predicate(spec: TaskSpec, output: Path, listing: Listing):
 
 
 def process(spec: TaskSpec, names, results, settings: Settings, address: str | None, actors: int,
-            reporter: Reporter) -> None:
+            reporter: Reporter, stop_on_sigterm: Callable[[], AbstractContextManager]) -> None:
     """Answer `names` on the cluster, writing each record to `results` as it comes back (once). Ctrl-C and
-    SIGTERM come through as KeyboardInterrupt, for the caller's summary."""
+    SIGTERM (under `stop_on_sigterm`, entered once Ray's core has set its own handlers) come through as
+    KeyboardInterrupt, for the caller's summary."""
     from kosmos2_cli.cli.session import find_model, refill_share
     from kosmos2_cli.distributed.driver import Cluster, ClusterError
     from kosmos2_cli.distributed.stages import Job
@@ -116,12 +118,13 @@ def process(spec: TaskSpec, names, results, settings: Settings, address: str | N
                 progress.update(progress.task_ids[0], description=f"{spec.describe()} on {actors} "
                                 f"{'GPU' if device == 'cuda' else 'CPU'} actor{'s' * (actors != 1)}")
             try:
-                for record in cluster.records(job, names, actors, results.done):
-                    results.write(record)
-                    if "error" in record:
-                        reporter.error(record["error"])
-                    if progress is not None:
-                        progress.advance(progress.task_ids[0])
+                with stop_on_sigterm():
+                    for record in cluster.records(job, names, actors, results.done):
+                        results.write(record)
+                        if "error" in record:
+                            reporter.error(record["error"])
+                        if progress is not None:
+                            progress.advance(progress.task_ids[0])
             except ClusterError as err:
                 if err.kind == "ModelLoadError":
                     raise CliError(str(err), ExitCode.MODEL) from err
