@@ -2,9 +2,10 @@
 
 The runs are `kosmos2` processes that join the cluster as users' drivers do: two model actors give the same
 records as plain `batch` (error records of bad images included) on the trained checkpoint; a driver stopped by
-SIGTERM, then one SIGKILLed, then a rerun give every image exactly once; a model actor SIGKILLed mid-run is restarted by Ray and the run ends
-with every image exactly once. Without Ray, `--ray` is a one-line error. The driver's listing (folders, text
-lists, pyarrow URIs, the resume filter) is checked against plain batch's own expansion.
+SIGTERM, then one SIGKILLed, then a rerun give every image exactly once; a model actor SIGKILLed mid-run is
+restarted by Ray and the run ends with every image exactly once. Without Ray, `--ray` is a one-line error. The
+driver's listing (folders, text lists, pyarrow URIs, the resume filter) is checked against plain batch's own
+expansion.
 """
 
 from __future__ import annotations
