@@ -86,8 +86,10 @@ def both_runs(ray_address, trained_dir, tmp_path_factory):
     common = ["--model", trained_dir, "--max-new-tokens", str(trained.MAX_NEW_TOKENS), "--batch-size", "1"]
     plain_out, ray_out = folder.parent / "plain.jsonl", folder.parent / "ray.jsonl"
     plain = run_kosmos2(["batch", folder, "-o", plain_out, *common], timeout=300)  # one thread, as an actor
+    before = set(_model_actors())
     process = ray_batch(ray_address, folder, "-o", ray_out, *common, "--ray-actors", "2", "--json")
     stdout, stderr = process.communicate(timeout=300)
+    assert len(set(_model_actors()) - before) == 2  # the run had its two model actors
     return folder, plain, records(plain_out), process.returncode, stdout, stderr, records(ray_out)
 
 
