@@ -25,6 +25,10 @@ ADVICE = {
     "phrase": "give one with --phrase",
     "box": "give it with --box",
     "normalized": "--normalized takes 0..1",
+    "ray": 'install it with pip install "kosmos2-cli[ray]", or run without --ray',
+    "ray_address": "start one with `ray start --head`, or leave out --ray-address for a local one",
+    "ray_actors": "give fewer --ray-actors",
+    "device": "choose another --device",
 }
 
 

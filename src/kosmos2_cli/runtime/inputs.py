@@ -49,6 +49,12 @@ def expand_inputs(inputs: Iterable[str]) -> list[str]:
     return found
 
 
+def iter_input(given: str) -> Iterator[str]:
+    """The images one INPUT names, lazily, as `expand_inputs` takes them (before duplicates are dropped); raises
+    InputError for a path that does not exist. For callers that stream a listing instead of holding it."""
+    return _expand_one(given)
+
+
 def _expand_one(given: str) -> Iterator[str]:
     path = Path(given).expanduser()
     if path.is_dir():

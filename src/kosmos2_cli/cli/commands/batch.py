@@ -36,6 +36,7 @@ class Task(str, Enum):
 
 
 PANEL = "Task"
+RAY = "Ray"
 
 
 @with_options(exclude=("draw",))
@@ -66,6 +67,17 @@ def batch(
                                                                       "replaced).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start OUT.jsonl afresh instead of resuming "
                                                                 "it.")] = False,
+    ray: Annotated[bool, typer.Option("--ray", rich_help_panel=RAY,
+                                      help="Run on a Ray cluster: --ray-address's, RAY_ADDRESS's, one running on "
+                                           "this machine, or else a new local one over its GPUs. INPUT may then "
+                                           "also be a .txt list of paths or a URI (s3://, gs://, file://).")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", metavar="auto|local|ADDRESS",
+                                                    rich_help_panel=RAY, show_default=False,
+                                                    help="The cluster (implies --ray): auto (a running one), local "
+                                                         "(a new one here) or HOST:PORT.")] = None,
+    ray_actors: Annotated[int, typer.Option("--ray-actors", metavar="N", min=0, rich_help_panel=RAY,
+                                            help="--ray: model actors (0: one per GPU of the cluster, or 1 on "
+                                                 "CPUs).")] = 0,
     settings: Settings = None,
 ) -> None:
     """Run one task over many images into a JSON-lines file, one line per image.
@@ -88,6 +100,11 @@ def batch(
     spec = task_spec(name, detailed=detailed, phrases=phrase, box=box, normalized=normalized, question=question)
     if retry_failed and overwrite:
         raise CliError("--retry-failed and --overwrite do not go together")
+    if ray or ray_address is not None:
+        exit_with(lambda: run_ray_batch(spec, inputs, output, settings, ray_address, ray_actors,
+                                        overwrite=overwrite, retry_failed=retry_failed))
+    if ray_actors:
+        raise CliError("--ray-actors applies with --ray only")
     exit_with(lambda: run_batch(spec, inputs, output, settings, overwrite=overwrite, retry_failed=retry_failed))
 
 
@@ -128,7 +145,6 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
               retry_failed: bool = False) -> ExitCode:
     """Run `spec` over every image of `inputs`, appending one record per image to `output`."""
     from kosmos2_cli.cli.session import expand
-    from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
 
     mark("batch: command parsed")
     reporter = Reporter(json_mode=False, quiet=settings.quiet)
@@ -138,16 +154,9 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
     keys = {name: spec_key(spec, name) for name in names}
     wanted = set(keys.values())
     summary = Summary(str(output), images=len(names))
-    try:
-        results = ResultsFile(output, record_key, overwrite=overwrite,
-                              retry_failed=(lambda record: record_key(record) in wanted) if retry_failed else None)
-    except OutputFileError as err:
-        raise CliError.of(err) from err
+    results = _open_results(output, overwrite, (lambda record: record_key(record) in wanted) if retry_failed
+                            else None, reporter)
     with results:
-        if results.truncated:
-            reporter.note(f"{output}: cut off a partial last line left by an interrupted run")
-        if results.dropped:
-            reporter.note(f"{output}: removed {results.dropped} error record(s) to retry them")
         todo = [name for name in names if keys[name] not in results.done]
         summary.done_before = len(names) - len(todo)
         summary.failed_before = sum(keys[name] in results.failed for name in names)
@@ -156,6 +165,50 @@ def run_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Set
         if todo:
             _process(spec, todo, results, settings, reporter, summary)
     return _finish(summary, settings, reporter)
+
+
+def run_ray_batch(spec: TaskSpec, inputs: Sequence[str], output: Path, settings: Settings, ray_address: str | None,
+                  actors: int, *, overwrite: bool = False, retry_failed: bool = False) -> ExitCode:
+    """`--ray`: the images answered on a Ray cluster (`batch_ray`), with the same output file, resume, summary
+    and exit codes as `run_batch`; records are written in the order they come back."""
+    from kosmos2_cli.cli.commands import batch_ray
+
+    reporter = Reporter(json_mode=False, quiet=settings.quiet)
+    address, listing = batch_ray.start(settings, inputs, ray_address, reporter)
+    summary = Summary(str(output), images=len(listing))
+    retry = batch_ray.retry_predicate(spec, output, listing) if retry_failed else None
+    results = _open_results(output, overwrite, retry, reporter)
+    with results:
+        todo = listing.pending(results.done, spec)
+        summary.done_before = len(listing) - len(todo)
+        summary.failed_before = listing.count_in(results.failed, spec)
+        if summary.done_before and len(todo):
+            reporter.note(f"resuming: {summary.done_before} of {len(listing)} images are already in {output}")
+        if len(todo):
+            start = time.perf_counter()
+            try:  # SIGTERM is handled once Ray has started (its core sets a handler of its own)
+                batch_ray.process(spec, todo, results, settings, address, actors, reporter, _sigterm_as_interrupt)
+            except KeyboardInterrupt as err:
+                summary.interrupted = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+            finally:
+                summary.seconds = time.perf_counter() - start
+                summary.processed, summary.failed = results.appended()
+    return _finish(summary, settings, reporter)
+
+
+def _open_results(output: Path, overwrite: bool, retry, reporter: Reporter):
+    """The output file, opened for this run (read back unless `overwrite`; `retry` picks error records to drop)."""
+    from kosmos2_cli.runtime.jsonl import OutputFileError, ResultsFile
+
+    try:
+        results = ResultsFile(output, record_key, overwrite=overwrite, retry_failed=retry)
+    except OutputFileError as err:
+        raise CliError.of(err) from err
+    if results.truncated:
+        reporter.note(f"{output}: cut off a partial last line left by an interrupted run")
+    if results.dropped:
+        reporter.note(f"{output}: removed {results.dropped} error record(s) to retry them")
+    return results
 
 
 def _process(spec: TaskSpec, todo: list[str], results, settings: Settings, reporter: Reporter,
