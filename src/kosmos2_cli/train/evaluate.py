@@ -1,9 +1,9 @@
 """Phrase-grounding accuracy (DESIGN §10) for `kosmos2 train --eval`, before and after training.
 
-A small scorer on the public API (`Kosmos2.ground` and IoU), kept apart so that `kosmos2 eval`'s own scorer
-(datasets/) can take its place once it lands: each line `{"image", "phrase", "boxes": [[x1, y1, x2, y2], ...]}`
-in pixels of the picture as seen; the prediction is the first box the model gives for the phrase, correct when
-its IoU with any listed box is at least 0.5.
+A small in-process scorer on the public API (`Kosmos2.ground` and `kosmos2 eval`'s IoU) for the model being
+trained, which has no folder yet for `kosmos2 eval`'s runner to load. Each line is
+`{"image", "phrase", "boxes": [[x1, y1, x2, y2], ...]}` in pixels of the picture as seen; the prediction is
+the first box the model gives for the phrase, correct when its IoU with any listed box is at least 0.5.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kosmos2_cli.datasets.evaluate import iou
 from kosmos2_cli.train.data import DataError, resolve_image
 
 IOU = 0.5
@@ -58,15 +59,6 @@ def read_annotations(path: Path, images_dir: Path | None = None) -> list[Item]:
     if not items:
         raise DataError(f"{path}: no annotations in the file")
     return items
-
-
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def evaluate(model, processor, items: Sequence[Item], threshold: float = IOU) -> Score:
