@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 from oracle import FIXTURES, SHARED
+
+# A shell's background job starts with SIGINT ignored, and so would every process the Ctrl-C tests start: give them
+# Python's own handler back so those tests test the code, not how pytest was launched.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_configure(config):

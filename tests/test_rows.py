@@ -123,7 +123,7 @@ def test_one_token_answers(ours, prompts):
 def test_sampling_with_a_seed_repeats(ours, prompts):
     def run():
         generator = torch.Generator(device=ours.device).manual_seed(7)
-        return _answers(ours, prompts[:10], rows=4, sampling=Sampling(True, 1.3, 50, 0.95, generator),
+        return _answers(ours, prompts[:10], rows=4, sampling=Sampling(True, 2.0, 50, 1.0, generator),
                         lookahead=2)
 
     first = run()

@@ -189,7 +189,7 @@ def test_loss_curve_matches_a_transformers_training_loop(tmp_path, trained_dir):
         optimizer.zero_grad()
         theirs.append(total)
     assert ours == pytest.approx(theirs, abs=1e-4), (ours, theirs)
-    assert ours[0] > 1.0 and ours[-1] < 0.8 * ours[0]  # a curve that moves
+    assert ours[0] > 0.5 and ours[-1] < 0.8 * ours[0], ours  # a curve that moves (new answers: a high start)
 
 
 def _reference_batch(pairs, pad: int) -> dict:

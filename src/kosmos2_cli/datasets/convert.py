@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kosmos2_cli.datasets.records import DatasetError
+from kosmos2_cli.runtime.textfiles import iter_lines, listed
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
 
@@ -132,10 +133,7 @@ def flickr30k_items(root: Path, *, ids: Iterable[str] | None = None, split: str 
             raise DatasetError(f"{root}: image {name} has no {'Annotations' if not xml.is_file() else 'Sentences'}"
                                f"/{name}.{'xml' if not xml.is_file() else 'txt'}")
         filename, boxes = flickr_boxes(xml)
-        try:
-            lines = txt.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as err:
-            raise DatasetError(f"{txt}: cannot read ({err})") from err
+        lines = [line.rstrip("\n") for line in iter_lines(txt, "a Sentences file", DatasetError)]
         for number, sentence in enumerate(lines):
             for entity, phrase, types in flickr_phrases(sentence):
                 if entity == "0" or "notvisual" in types or not boxes.get(entity) or not phrase:
@@ -147,10 +145,7 @@ def flickr30k_items(root: Path, *, ids: Iterable[str] | None = None, split: str 
 
 def read_ids(path: Path) -> list[str]:
     """Image ids, one a line (Flickr30k Entities' train.txt, val.txt, test.txt)."""
-    try:
-        return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the id list ({getattr(err, 'strerror', None) or err})") from err
+    return list(listed(path, "the id list", DatasetError))
 
 
 def write_items(items: Iterable[dict[str, Any]], output: Path) -> int:

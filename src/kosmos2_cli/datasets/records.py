@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kosmos2_cli.runtime.textfiles import iter_lines, listed
+
 
 class DatasetError(ValueError):
     """An input file that cannot be used (missing, not JSON lines, not kosmos2 records), in one line."""
@@ -53,29 +55,18 @@ class Pictures:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; DatasetError for a line that is not a JSON object."""
-    path = Path(path)
-    if path.is_dir():
-        raise DatasetError(f"{path}: is a directory, not a JSON-lines file")
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise DatasetError(f"{path}: cannot read ({err.strerror or err})") from err
-    with handle:
+    for number, line in enumerate(iter_lines(path, "a JSON-lines file", DatasetError), 1):
+        if not line.strip():
+            continue
         try:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    record = None
-                if not isinstance(record, dict):
-                    if not line.endswith("\n"):
-                        return  # a partial last line left by an interrupted run
-                    raise DatasetError(f"{path}: line {number} is not a JSON object")
-                yield number, record
-        except UnicodeDecodeError as err:
-            raise DatasetError(f"{path}: not a UTF-8 text file") from err
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if not line.endswith("\n"):
+                return  # a partial last line left by an interrupted run
+            raise DatasetError(f"{path}: line {number} is not a JSON object")
+        yield number, record
 
 
 def read_pictures(path: Path) -> Pictures:
@@ -116,12 +107,7 @@ def _boxes(entity: dict[str, Any]) -> list[Box]:
 
 def read_classes(path: Path) -> list[str]:
     """Class names, one a line (blank lines and lines starting with # skipped), normalized, first kept."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{path}: cannot read the class list ({getattr(err, 'strerror', None) or err})") from err
-    names = [normalize_phrase(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    names = [normalize_phrase(line) for line in listed(path, "the class list", DatasetError)]
     names = list(dict.fromkeys(names))
     if not names:
         raise DatasetError(f"{path}: no class names (one a line)")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from kosmos2_cli.api.tasks import TaskSpec
 from kosmos2_cli.runtime.inputs import InputError, expand_inputs, is_image_name, iter_input
+from kosmos2_cli.runtime.textfiles import listed
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -145,18 +146,8 @@ def _names(inputs: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 def _list_names(path: Path) -> Iterator[tuple[str, str]]:
     """The lines of a text file of paths, as written (relative paths are from the current folder)."""
-    try:
-        handle = open(path, encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the list of images ({err.strerror or err})") from err
-    with handle:
-        try:
-            for line in handle:
-                name = line.strip()
-                if name and not name.startswith("#"):
-                    yield name, (name if is_uri(name) else os.path.abspath(name))
-        except UnicodeDecodeError as err:
-            raise InputError(f"{path}: not a text file of image paths ({err.reason})") from err
+    for name in listed(path, "a list of images", InputError):
+        yield name, (name if is_uri(name) else os.path.abspath(name))
 
 
 def open_uri(uri: str):

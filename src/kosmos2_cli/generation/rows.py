@@ -105,6 +105,8 @@ class _Rows:
         self.model, self.rows, self.pad = model, rows, pad
         self.max_new, self.longest = max_new_tokens, longest_prompt
         self.key = _key(model, rows, longest_prompt, max_new_tokens, stops, pad)
+        # The KV cache is the workspace decoder's of this shape (its graphs unused here): `generate` and the rows
+        # share one cache budget, two shapes at most, rather than each keeping its own.
         self.decoder = Decoder.for_model(model, rows, longest_prompt + max_new_tokens, device)
         self.cache = self.decoder.cache
         width = -(-longest_prompt // WINDOW) * WINDOW

@@ -25,6 +25,7 @@ import torch
 from kosmos2_cli.api import prompts
 from kosmos2_cli.processing.images import ImageLoadError, load_image
 from kosmos2_cli.processing.postprocess import coordinate_to_patch_index
+from kosmos2_cli.runtime.textfiles import iter_lines
 
 IGNORE = -100
 _TAG = re.compile(r"<[^<>]*>")
@@ -67,10 +68,7 @@ def read_examples(path: Path, images_dir: Path | None = None) -> tuple[list[Exam
     first bad line: not JSON, no image, a missing image file, a box outside its image, an answer that does not
     follow its prompt, malformed tags."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: cannot read the training data ({err})") from err
+    text = "".join(iter_lines(path, "the training data", DataError))
     examples: list[Example] = []
     skipped = 0
     sizes: dict[str, tuple[int, int]] = {}

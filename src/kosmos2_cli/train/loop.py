@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +340,6 @@ def _evaluate(model, processor, config: TrainConfig) -> dict:
     was_training = model.training
     model.eval()
     try:
-        return asdict(evaluate(model, processor, read_annotations(config.eval, config.images_dir)))
+        return evaluate(model, processor, read_annotations(config.eval, config.images_dir))
     finally:
         model.train(was_training)

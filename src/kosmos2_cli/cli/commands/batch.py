@@ -26,6 +26,7 @@ from kosmos2_cli.cli.errors import CliError, ExitCode
 from kosmos2_cli.cli.options import Settings, with_options
 from kosmos2_cli.cli.render import Reporter
 from kosmos2_cli.fast.marks import mark
+from kosmos2_cli.runtime.textfiles import listed
 
 
 class Task(str, Enum):
@@ -110,11 +111,7 @@ def batch(
 
 def read_phrases(path: Path) -> list[str]:
     """The phrases of a --phrases-file: one a line, blank lines and lines starting with # skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CliError(f"--phrases-file {path}: cannot read ({getattr(err, 'strerror', None) or err})") from err
-    phrases = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    phrases = list(listed(path, "a --phrases-file", CliError))
     if not phrases:
         raise CliError(f"--phrases-file {path}: no phrases (one a line)")
     return phrases
