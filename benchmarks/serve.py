@@ -15,8 +15,9 @@ ours with EOS never matched, the reference with `min_new_tokens=max_new_tokens=6
 - ours: the service's scheduler (`kosmos2_cli.serve.scheduler`): each client thread prepares its upload, submits it
   and waits for its record, as the HTTP handler does; concurrent requests share the rows (continuous batching).
   Without `--http` no web stack is needed (the GPU machine has none); with it, real uvicorn and HTTP.
-- reference: transformers' Kosmos2ForConditionalGeneration behind a lock, one request at a time (processor,
-  generate, decode, post-process): what a team's FastAPI wrapper around the seed's example does.
+- reference: transformers' Kosmos2ForConditionalGeneration on one worker thread, one request at a time, first come
+  first served (processor, generate, decode, post-process): what a team's FastAPI wrapper around the seed's example
+  does.
 
 Each level runs untimed warm-up requests first, then `max(16, 2 x clients)` timed requests for ours and
 `max(16, clients)` for the reference (its rate does not depend on the clients; its latency grows with them).
@@ -28,11 +29,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import queue
 import statistics
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -162,7 +164,7 @@ class Ours:
 # -- the reference ------------------------------------------------------------------------------------------------
 
 class Reference:
-    """transformers' Kosmos-2, one request at a time behind a lock (in process, or a ThreadingHTTPServer)."""
+    """transformers' Kosmos-2, one request at a time on one worker thread (in process, or a ThreadingHTTPServer)."""
 
     def __init__(self, folder: Path, device: str, http: bool) -> None:
         from oracle import reference_processor
@@ -174,25 +176,38 @@ class Reference:
         self.processor = reference_processor(folder)  # the released tokenizer and image settings
         self.dtype = dtype
         self.data = picture_bytes()
-        self.lock = threading.Lock()
+        self.requests: queue.Queue = queue.Queue()  # first come, first served, by one worker thread
+        threading.Thread(target=self._work, daemon=True).start()
         self.http = http
         if http:
             self._start_http()
 
     def answer(self, data: bytes) -> dict:
+        done: Future = Future()
+        self.requests.put((data, done))
+        return done.result()
+
+    def _work(self) -> None:
+        while True:
+            data, done = self.requests.get()
+            try:
+                done.set_result(self._answer(data))
+            except Exception as err:  # noqa: BLE001 - the waiting client raises it
+                done.set_exception(err)
+
+    def _answer(self, data: bytes) -> dict:
         from PIL import Image
 
-        with self.lock:
-            image = Image.open(io.BytesIO(data)).convert("RGB")
-            inputs = self.processor(text=PROMPT, images=image, return_tensors="pt").to(self.device)
-            with torch.no_grad():
-                ids = self.model.generate(pixel_values=inputs["pixel_values"].to(self.dtype),
-                                          input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                          image_embeds_position_mask=inputs["image_embeds_position_mask"],
-                                          use_cache=True, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
-            text = self.processor.batch_decode(ids, skip_special_tokens=True)[0]
-            caption, entities = self.processor.post_process_generation(text)
-            return {"text": caption, "entities": entities}
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        inputs = self.processor(text=PROMPT, images=image, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            ids = self.model.generate(pixel_values=inputs["pixel_values"].to(self.dtype),
+                                      input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                      image_embeds_position_mask=inputs["image_embeds_position_mask"],
+                                      use_cache=True, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+        text = self.processor.batch_decode(ids, skip_special_tokens=True)[0]
+        caption, entities = self.processor.post_process_generation(text)
+        return {"text": caption, "entities": entities}
 
     def _start_http(self) -> None:
         import json
