@@ -248,13 +248,14 @@ class Reference:
             self.server.shutdown()
 
 
-def measure(side, levels: list[int], ours: bool, warmup: int) -> list[dict]:
-    rows = []
+def measure(side, levels: list[int], ours: bool, warmup: int, result: dict, out: Path | None) -> None:
+    """Each level into `result` (written to `out` after each, so a run cut short keeps what it measured)."""
+    rows = result.setdefault("ours" if ours else "reference", [])
     for clients in levels:
         drive(side.call, clients, max(warmup, clients) if ours else warmup)  # graphs captured, caches warm
         rows.append(drive(side.call, clients, max(16, 2 * clients) if ours else max(16, clients)))
         print(f"  {'ours' if ours else 'reference'} {clients:>4} clients: {rows[-1]}", flush=True)
-    return rows
+        dump(out, result)
 
 
 def main() -> None:
@@ -295,13 +296,13 @@ def main() -> None:
                     "new_tokens": NEW_TOKENS, "rows": args.rows, "http": args.http, "levels": levels}
     if args.only != "reference":
         ours = Ours(folder, args.device, args.rows, args.http)
-        result["ours"] = measure(ours, levels, True, warmup)
+        measure(ours, levels, True, warmup, result, args.json)
         ours.close()
         del ours
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     if args.only != "ours":
         reference = Reference(folder, args.device, args.http)
-        result["reference"] = measure(reference, levels, False, warmup)
+        measure(reference, levels, False, warmup, result, args.json)
         reference.close()
     table(result)
     dump(args.json, result)
@@ -314,8 +315,8 @@ def table(result: dict) -> None:
     print(f"{'clients':>7} | {'ours req/s':>10} {'p50 s':>7} {'p99 s':>7} | {'ref req/s':>9} {'p50 s':>7} "
           f"{'p99 s':>7} | {'req/s x':>7} {'p50 x':>6}")
     for i, clients in enumerate(result["levels"]):
-        a = ours[i] if ours else None
-        b = ref[i] if ref else None
+        a = ours[i] if ours and i < len(ours) else None  # a run cut short has fewer levels
+        b = ref[i] if ref and i < len(ref) else None
         cells = [f"{clients:>7}"]
         cells.append(f"{a['requests_per_s']:>10.2f} {a['p50_s']:>7.3f} {a['p99_s']:>7.3f}" if a else f"{'':>26}")
         cells.append(f"{b['requests_per_s']:>9.2f} {b['p50_s']:>7.3f} {b['p99_s']:>7.3f}" if b else f"{'':>25}")

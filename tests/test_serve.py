@@ -368,3 +368,22 @@ def test_rows_follow_the_demand(trained_dir, expected):
             replies = [lone.result(60), *(f.result(60) for f in crowd)]
         assert scheduler.stream_rows == 8  # 6 prompts: a stream of 8 rows
         assert all(same_record(reply.body, expected[case.key]) for reply in replies)
+
+
+def test_rows_narrow_when_the_crowd_leaves(trained_dir, expected, monkeypatch):
+    """After a crowd, one client that keeps the rows busy still gets narrower rows once the demand stays low."""
+    from kosmos2_cli.serve import scheduler as module
+
+    monkeypatch.setattr(module, "SHRINK_AFTER", 0.3)
+    case = next(c for c in CASES if c.task == "caption")
+    with serve_in_process(trained_dir, token=None, rows=8, max_new_tokens=NEW_TOKENS) as live:
+        scheduler = live.service.scheduler
+        with ThreadPoolExecutor(8) as pool:
+            crowd = [pool.submit(post, live.base, case.task, _image(case.image), case.fields, None) for _ in range(8)]
+            assert all(same_record(f.result(60).body, expected[case.key]) for f in crowd)
+        widest = scheduler.stream_rows
+        deadline = time.monotonic() + 30
+        while scheduler.stream_rows > 1 and time.monotonic() < deadline:  # one client, back to back
+            reply = post(live.base, case.task, _image(case.image), case.fields, None)
+            assert reply.status == 200 and same_record(reply.body, expected[case.key])
+        assert widest > 1 and scheduler.stream_rows == 1

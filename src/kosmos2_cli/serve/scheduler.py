@@ -25,9 +25,14 @@ import numpy as np
 
 from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.tasks import TaskSpec
+from kosmos2_cli.generation.rows import REFILL_SHARE
 from kosmos2_cli.runtime.engine import Picture, PipelineEngine, is_out_of_memory
 
-SHRINK_AFTER = 1.0  # seconds without work before the rows narrow to the demand
+SHRINK_AFTER = 1.0  # seconds of less demand than rows before the rows narrow to it
+# While rows decode, requests that arrive are held up to this long so that they join the rows together: a refill
+# of a handful costs the GPU nearly what one of a quarter of the rows does, and refills after every step would
+# leave the answers in flight waiting on them.
+GATHER_WAIT = 0.03
 
 
 class QueueFull(Exception):
@@ -65,18 +70,20 @@ class Scheduler:
 
     def __init__(self, engine: PipelineEngine, rows: int, queue_limit: int, longest_prompt: int,
                  max_new_tokens: int, refill_share: float | None = None,
-                 notice: Callable[[str], None] | None = None) -> None:
+                 notice: Callable[[str], None] | None = None, gather_wait: float = GATHER_WAIT) -> None:
         if rows < 1 or queue_limit < 1:
             raise ValueError("rows and the queue length must be at least 1")
         self.engine = engine
         self.rows = rows  # the most rows (halved for good when the device runs out of memory)
         self.stream_rows = 0  # the rows of the stream running now: the demand's power of two, up to `rows`
+        self._narrow_since: float | None = None  # since when the demand has been below the stream's rows
         self.queue_limit = queue_limit
         self.longest_prompt = longest_prompt
         # The run's options: the requests' own choose their tokens and caps within them.
         self.run_options = GenerationOptions(**{**engine.options.__dict__, "max_new_tokens": max_new_tokens,
                                                 "num_beams": 1})
         self.refill_share = refill_share
+        self.gather_wait = gather_wait
         self.notice = notice or (lambda message: None)
         self._lock = threading.Condition()
         self._queue: deque[Work] = deque()
@@ -166,6 +173,7 @@ class Scheduler:
                 try:
                     with self._lock:
                         self.stream_rows = self._rows_for_demand()
+                        self._narrow_since = None
                     for started in kosmos.stream(self._take, self.stream_rows, options=self.run_options,
                                                  calm=self.calm,
                                                  cancelled=self._cancelled, longest_prompt=self.longest_prompt,
@@ -186,21 +194,28 @@ class Scheduler:
         from kosmos2_cli.api.pipeline import Request
 
         with self._lock:
-            idle = time.perf_counter()
-            while not self._queue:
-                if self._stopping:
+            while True:
+                hold = self._holding() if self._queue and not self._stopping else 0.0
+                if self._queue and hold <= 0:
+                    break
+                if not self._queue and self._stopping:
                     return None
                 if not wait:
                     return []
                 # Nothing runs while the rows wait for work: those finishing records need not keep out of the way.
                 self.calm.set()
-                self._lock.wait()
+                self._lock.wait(hold or None)
                 self.calm.clear()
             # Rows sized to the demand: a lone request decodes at batch 1, a crowd on every row. More demand than
-            # rows ends this stream (its rows finish, then a wider one starts); after a quiet spell, a narrower.
+            # rows ends this stream (its rows finish, then a wider one starts); less for SHRINK_AFTER, a narrower.
             wanted = self._rows_for_demand()
-            if wanted > self.stream_rows or (wait and wanted < self.stream_rows and
-                                             time.perf_counter() - idle >= SHRINK_AFTER):
+            now = time.perf_counter()
+            if wanted >= self.stream_rows:
+                self._narrow_since = None
+            elif self._narrow_since is None:
+                self._narrow_since = now
+            if wanted > self.stream_rows or (self._narrow_since is not None and
+                                             now - self._narrow_since >= SHRINK_AFTER):
                 return None
             chosen: list[Work] = []
             prompts = 0
@@ -216,6 +231,21 @@ class Scheduler:
         embeds = kosmos.encode_pixels(pixels).clone()
         return [Request(work.key, work.name, work.picture, work.spec.jobs(0), row, work.options)
                 for work, row in zip(chosen, embeds, strict=True)]
+
+    def _holding(self) -> float:
+        """How much longer the waiting requests are held for others to join them: while they are fewer than a
+        refill's share of the rows, until the oldest has waited `gather_wait` (0: take them now; lock held)."""
+        share = REFILL_SHARE if self.refill_share is None else self.refill_share
+        enough = max(1, int(self.stream_rows * share))
+        left = self.gather_wait - (time.perf_counter() - self._queue[0].submitted)
+        if left <= 0:
+            return 0.0
+        waiting = 0
+        for work in self._queue:
+            waiting += work.prompts
+            if waiting >= enough:
+                return 0.0
+        return left
 
     def _rows_for_demand(self) -> int:
         """The power of two of rows that holds every prompt taken or waiting, at most `rows` (lock held)."""
