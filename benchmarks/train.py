@@ -256,6 +256,8 @@ def main() -> None:
         row = json.loads(found[-1][7:]) if found else {"failed": (done.stderr.strip().splitlines() or ["?"])[-1]}
         results["rows"][name] = row
         print(name, row, flush=True)
+        if args.json:  # after each row: a run cut short keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2))
     print(f"\n{device}, batch {args.batch_size}, {args.steps} steps ({args.warmup} untimed), medians per step\n")
     print("| mode | ours images/s | ours peak GiB | transformers images/s | transformers peak GiB | how | speed-up |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: |")
