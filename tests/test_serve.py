@@ -370,6 +370,30 @@ def test_rows_follow_the_demand(trained_dir, expected):
         assert all(same_record(reply.body, expected[case.key]) for reply in replies)
 
 
+def test_requests_are_gathered_into_refills_of_a_quarter_of_the_rows():
+    """While rows decode, a handful of waiting requests is held (up to gather_wait) until a quarter of the rows'
+    worth waits; a lone stream (one row) or an old enough request is taken at once."""
+    from types import SimpleNamespace
+
+    from kosmos2_cli.api.options import GenerationOptions
+    from kosmos2_cli.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(SimpleNamespace(options=GenerationOptions()), rows=16, queue_limit=64, longest_prompt=160,
+                          max_new_tokens=8, gather_wait=0.5)
+    now = time.perf_counter()
+    scheduler.stream_rows = 16  # a quarter: 4 prompts
+    scheduler._queue.extend([SimpleNamespace(prompts=1, submitted=now), SimpleNamespace(prompts=2, submitted=now)])
+    assert 0.3 < scheduler._holding() <= 0.5
+    scheduler._queue.append(SimpleNamespace(prompts=1, submitted=now))
+    assert scheduler._holding() == 0.0  # 4 prompts wait
+    scheduler._queue.pop()
+    scheduler._queue[0].submitted = now - 0.6
+    assert scheduler._holding() == 0.0  # the oldest waited long enough
+    scheduler._queue[0].submitted = now
+    scheduler.stream_rows = 2
+    assert scheduler._holding() == 0.0  # small rows: any request is a refill's share
+
+
 def test_rows_narrow_when_the_crowd_leaves(trained_dir, expected, monkeypatch):
     """After a crowd, one client that keeps the rows busy still gets narrower rows once the demand stays low."""
     from kosmos2_cli.serve import scheduler as module
