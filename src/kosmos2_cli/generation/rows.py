@@ -79,7 +79,7 @@ def stream(model, admit: Admit, *, rows: int, longest_prompt: int, max_new_token
     """
     if rows < 1 or max_new_tokens < 1:
         raise ValueError("rows and max_new_tokens must be at least 1")
-    refill_at = max(1, min(rows, int(rows * refill_share)))
+    refill_at = refill_size(rows, refill_share)
     run = _Rows.for_model(model, rows, longest_prompt, max_new_tokens, stops, pad)
     run.begin(sampling or Sampling(), lookahead, refill_at, calm or threading.Event(),
               cancelled if cancelled is not None else set())
@@ -87,6 +87,11 @@ def stream(model, admit: Admit, *, rows: int, longest_prompt: int, max_new_token
         yield from run.loop(admit)
     finally:
         run.busy = False
+
+
+def refill_size(rows: int, refill_share: float = REFILL_SHARE) -> int:
+    """The free rows that make a refill worth launching while other rows decode (at least 1, at most `rows`)."""
+    return max(1, min(rows, int(rows * refill_share)))
 
 
 def _key(model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int], pad: int) -> tuple:

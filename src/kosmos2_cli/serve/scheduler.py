@@ -25,7 +25,7 @@ import numpy as np
 
 from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.tasks import TaskSpec
-from kosmos2_cli.generation.rows import REFILL_SHARE
+from kosmos2_cli.generation.rows import REFILL_SHARE, refill_size
 from kosmos2_cli.runtime.engine import Picture, PipelineEngine, is_out_of_memory
 
 SHRINK_AFTER = 1.0  # seconds of less demand than rows before the rows narrow to it
@@ -195,16 +195,19 @@ class Scheduler:
 
         with self._lock:
             while True:
-                hold = self._holding() if self._queue and not self._stopping else 0.0
-                if self._queue and hold <= 0:
-                    break
-                if not self._queue and self._stopping:
+                if self._queue:
+                    hold: float | None = 0.0 if self._stopping else self._holding()
+                    if not hold:
+                        break
+                elif self._stopping:
                     return None
+                else:
+                    hold = None  # until a request arrives
                 if not wait:
                     return []
                 # Nothing runs while the rows wait for work: those finishing records need not keep out of the way.
                 self.calm.set()
-                self._lock.wait(hold or None)
+                self._lock.wait(hold)
                 self.calm.clear()
             # Rows sized to the demand: a lone request decodes at batch 1, a crowd on every row. More demand than
             # rows ends this stream (its rows finish, then a wider one starts); less for SHRINK_AFTER, a narrower.
@@ -235,8 +238,7 @@ class Scheduler:
     def _holding(self) -> float:
         """How much longer the waiting requests are held for others to join them: while they are fewer than a
         refill's share of the rows, until the oldest has waited `gather_wait` (0: take them now; lock held)."""
-        share = REFILL_SHARE if self.refill_share is None else self.refill_share
-        enough = max(1, int(self.stream_rows * share))
+        enough = refill_size(self.stream_rows, REFILL_SHARE if self.refill_share is None else self.refill_share)
         left = self.gather_wait - (time.perf_counter() - self._queue[0].submitted)
         if left <= 0:
             return 0.0
