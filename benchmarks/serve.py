@@ -12,7 +12,8 @@ Both sides get the same full-size random weights (built once, as by gpu.py) and 
 of one 640x480 PNG (sent as bytes: each request decodes and preprocesses it), answered with exactly 64 new tokens:
 ours with EOS never matched, the reference with `min_new_tokens=max_new_tokens=64`.
 
-- ours: the service's scheduler (`kosmos2_cli.serve.scheduler`): each client thread prepares its upload, submits it
+- ours: the service's scheduler (`kosmos2_cli.serve.scheduler`): each client thread prepares its upload (in the
+  service's worker processes on a GPU machine, as `kosmos2 serve` does), submits it
   and waits for its record, as the HTTP handler does; concurrent requests share the rows (continuous batching).
   Without `--http` no web stack is needed (the GPU machine has none); with it, real uvicorn and HTTP.
 - reference: transformers' Kosmos2ForConditionalGeneration on one worker thread, one request at a time, first come
@@ -101,6 +102,7 @@ class Ours:
         from kosmos2_cli.api.options import GenerationOptions
         from kosmos2_cli.api.tasks import TaskSpec
         from kosmos2_cli.runtime.engine import PipelineEngine
+        from kosmos2_cli.serve import default_prepare_workers
         from kosmos2_cli.serve.scheduler import Scheduler
 
         self.engine = PipelineEngine(folder, device, "auto", GenerationOptions(max_new_tokens=NEW_TOKENS))
@@ -114,7 +116,8 @@ class Ours:
             self._start_http(folder, rows)
         else:
             self.scheduler = Scheduler(self.engine, rows, queue_limit=4096, longest_prompt=160,
-                                       max_new_tokens=NEW_TOKENS)
+                                       max_new_tokens=NEW_TOKENS,
+                                       workers=default_prepare_workers(self.engine.on_gpu))
             self.scheduler.start()
 
     def _start_http(self, folder: Path, rows: int) -> None:

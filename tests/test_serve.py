@@ -411,3 +411,51 @@ def test_rows_narrow_when_the_crowd_leaves(trained_dir, expected, monkeypatch):
             reply = post(live.base, case.task, _image(case.image), case.fields, None)
             assert reply.status == 200 and same_record(reply.body, expected[case.key])
         assert widest > 1 and scheduler.stream_rows == 1
+
+
+def test_uploads_prepared_in_worker_processes_answer_the_same(trained_dir, expected, tmp_path):
+    """On a GPU machine uploads are prepared in worker processes: the same records, the same 400s with the CLI's
+    messages (a box outside the picture is checked there too), and a killed worker costs no request."""
+    import os
+
+    bad = _bad_files(tmp_path)
+    with serve_in_process(trained_dir, token=None, rows=16, max_new_tokens=NEW_TOKENS, prepare_workers=2) as live:
+        scheduler = live.service.scheduler
+        assert scheduler.workers == 2 and scheduler._pool is not None
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda c: post(live.base, c.task, _image(c.image), c.fields, token=None), CASES))
+        for case, reply in zip(CASES, replies, strict=True):
+            assert reply.status == 200 and same_record(reply.body, expected[case.key]), case.key
+        for name, path in bad.items():
+            reply = post(live.base, "caption", (name, path.read_bytes()), token=None)
+            assert reply.status == 400
+            assert reply.body == {"error": cli_error(trained_dir, tmp_path, ["caption", name])}
+        outside = post(live.base, "refer", _image("snowman.png"), [("box", "10,10,2000,20")], token=None)
+        assert outside.status == 400
+        assert outside.body == {"error": cli_error(trained_dir, IMAGES, ["refer", "snowman.png", "--box",
+                                                                         "10,10,2000,20"])}
+        broken = scheduler._pool
+        os.kill(next(iter(broken._processes)), signal.SIGKILL)
+        case = CASES[0]
+        reply = post(live.base, case.task, _image(case.image), case.fields, token=None)
+        assert reply.status == 200 and same_record(reply.body, expected[case.key])
+        assert scheduler._pool is not broken
+
+
+
+def test_uploads_go_to_processes_on_a_gpu_machine_with_cores(monkeypatch):
+    import os
+
+    from kosmos2_cli.serve import default_prepare_workers
+
+    monkeypatch.delenv("KOSMOS2_PREPARE", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_prepare_workers(on_gpu=True) == 14
+    assert default_prepare_workers(on_gpu=False) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert default_prepare_workers(on_gpu=True) == 0
+    monkeypatch.setenv("KOSMOS2_PREPARE", "processes")
+    assert default_prepare_workers(on_gpu=False) == 2
+    monkeypatch.setenv("KOSMOS2_PREPARE", "threads")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert default_prepare_workers(on_gpu=True) == 0

@@ -50,6 +50,17 @@ def prepare_image(image_processor, name: str, spec: TaskSpec, keep_image: bool =
     return Prepared(name, image if keep_image else Picture(*image.size), pixels)
 
 
+def prepare_upload(image_processor, data: bytes, name: str, spec: TaskSpec) -> Prepared:
+    """`prepare_image` for an upload's bytes (`name` only labels the messages; nothing is read from disk); the
+    picture comes back as its size."""
+    from kosmos2_cli.processing.images import load_image_bytes
+
+    image = load_image_bytes(data, name)
+    spec.check_image(*image.size)
+    pixels = image_processor(image, return_tensors="np")["pixel_values"]
+    return Prepared(name, Picture(*image.size), pixels)
+
+
 def worker_setup(folder: Path) -> tuple[Callable, tuple]:
     """(initializer, its arguments) for a worker process that prepares images for the model in `folder`."""
     return _init_worker, (folder,)
@@ -96,3 +107,17 @@ def _die_with_parent() -> None:
 def prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
     """`prepare` in a worker process set up by `PipelineEngine.worker_setup`."""
     return prepare_image(_WORKER["image_processor"], name, spec, keep_image)
+
+
+def prepare_upload_in_worker(data: bytes, name: str, spec: TaskSpec) -> Prepared:
+    """`prepare_upload` in a worker process set up by `PipelineEngine.worker_setup`."""
+    return prepare_upload(_WORKER["image_processor"], data, name, spec)
+
+
+def worker_ready(seconds: float) -> int:
+    """Holds a worker for `seconds` (so that a pool starts all its workers), then says which process it was."""
+    import os
+    import time
+
+    time.sleep(seconds)
+    return os.getpid()

@@ -6,6 +6,7 @@ FastAPI, uvicorn and prometheus-client come with the `serve` extra.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from kosmos2_cli.runtime.engine import PipelineEngine
@@ -22,6 +23,25 @@ class Limits:
     upload_bytes: int = 20 << 20
     max_new_tokens: int = 128
     prompt_tokens: int = PROMPT_TOKENS
+    prepare_workers: int | None = None  # processes preparing uploads; None: `default_prepare_workers`
+
+
+def default_prepare_workers(on_gpu: bool) -> int:
+    """Processes that decode and preprocess uploads (0: the request handlers' threads do).
+
+    A crowd's uploads are ~10 ms of CPU each; on threads they contend for the GIL with the model thread, which
+    needs it every few ms to launch the next step, and a GPU then idles between steps. Processes take that work
+    off the GIL, on GPU machines with cores to spare. On a CPU the model's own threads use the cores: none.
+    KOSMOS2_PREPARE=processes|threads overrides, as for `kosmos2 batch`.
+    """
+    from kosmos2_cli.runtime.runner import process_workers
+
+    forced = os.environ.get("KOSMOS2_PREPARE", "").strip().lower()
+    if forced == "threads":
+        return 0
+    if forced == "processes" or (on_gpu and (os.cpu_count() or 1) >= 8):
+        return process_workers()
+    return 0
 
 
 @dataclass
@@ -39,7 +59,8 @@ class Service:
         from kosmos2_cli.serve.scheduler import Scheduler
 
         rows = limits.rows or default_batch_size(engine)
+        workers = default_prepare_workers(engine.on_gpu) if limits.prepare_workers is None else limits.prepare_workers
         scheduler = Scheduler(engine, rows, limits.queue, limits.prompt_tokens, limits.max_new_tokens,
-                              refill_share=refill_share, notice=notice)
+                              refill_share=refill_share, notice=notice, workers=workers)
         app = create_app(scheduler, ServeConfig(model, token, limits.upload_bytes, limits.max_new_tokens))
         return cls(scheduler, app)

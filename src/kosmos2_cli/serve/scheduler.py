@@ -1,6 +1,7 @@
 """The one thread that owns the model in `kosmos2 serve`, and the bounded queue that feeds it.
 
-HTTP handlers prepare their image on a worker thread (`Work`), `submit` it and await its future. The model
+HTTP handlers prepare their image (`Work`: on their worker thread, or in a pool of worker processes on a machine
+with cores to spare), `submit` it and await its future. The model
 thread runs the row scheduler (`Kosmos2.stream`, continuous batching) over everything submitted: whenever rows
 free, the requests waiting are taken, their pictures encoded in one batch, and their prompts join the rows in
 flight, so no request waits for another's longest answer. A request ends with its `Started` (the answers'
@@ -26,7 +27,7 @@ import numpy as np
 from kosmos2_cli.api.options import GenerationOptions
 from kosmos2_cli.api.tasks import TaskSpec
 from kosmos2_cli.generation.rows import REFILL_SHARE, refill_size
-from kosmos2_cli.runtime.engine import Picture, PipelineEngine, is_out_of_memory
+from kosmos2_cli.runtime.engine import Picture, PipelineEngine, Prepared, is_out_of_memory
 
 SHRINK_AFTER = 1.0  # seconds of less demand than rows before the rows narrow to it
 # While rows decode, requests that arrive are held up to this long so that they join the rows together: a refill
@@ -70,9 +71,10 @@ class Scheduler:
 
     def __init__(self, engine: PipelineEngine, rows: int, queue_limit: int, longest_prompt: int,
                  max_new_tokens: int, refill_share: float | None = None,
-                 notice: Callable[[str], None] | None = None, gather_wait: float = GATHER_WAIT) -> None:
-        if rows < 1 or queue_limit < 1:
-            raise ValueError("rows and the queue length must be at least 1")
+                 notice: Callable[[str], None] | None = None, gather_wait: float = GATHER_WAIT,
+                 workers: int = 0) -> None:
+        if rows < 1 or queue_limit < 1 or workers < 0:
+            raise ValueError("rows and the queue length must be at least 1, the workers at least 0")
         self.engine = engine
         self.rows = rows  # the most rows (halved for good when the device runs out of memory)
         self.stream_rows = 0  # the rows of the stream running now: the demand's power of two, up to `rows`
@@ -98,12 +100,17 @@ class Scheduler:
         self.failure: BaseException | None = None  # what stopped the model thread, if anything did
         self._switch = sys.getswitchinterval()
         self.prompt_lengths: dict[tuple[str, ...], int] = {}  # prompt texts -> tokens, image's included
+        self.workers = workers  # processes that prepare uploads (0: the handlers' threads do)
+        self._pool = None
+        self._pool_lock = threading.Lock()
 
     # -- the handlers' side -------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the model thread (the weights load first, if they have not)."""
+        """Start the model thread (the weights load first, if they have not) and the preparing processes."""
         self.engine.load()
+        if self.workers:
+            self._pool = self._start_pool()
         # The model thread launches a device step every few ms and needs the GIL for it: hand it over within
         # 1 ms instead of Python's default 5 while the handlers parse, prepare and finish.
         sys.setswitchinterval(min(self._switch, 0.001))
@@ -151,6 +158,51 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         sys.setswitchinterval(self._switch)
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def prepare(self, upload: bytes, name: str, spec: TaskSpec) -> Prepared:
+        """Decode, check and preprocess an upload: in a worker process when there are any (their CPU work then
+        leaves the GIL to the model thread), else on the caller's thread. A pool whose worker died (killed, out of
+        memory) is replaced and the upload tried once more there; a second loss fails this upload alone."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        from kosmos2_cli.runtime.prepare import prepare_upload, prepare_upload_in_worker
+
+        for attempt in (1, 2):
+            pool = self._pool
+            if pool is None:
+                return prepare_upload(self.engine.processor.image_processor, upload, name, spec)
+            try:
+                return pool.submit(prepare_upload_in_worker, upload, name, spec).result()
+            except BrokenProcessPool:
+                self._replace_pool(pool)
+                if attempt == 2:
+                    raise RuntimeError(f"{name}: the process preparing it stopped") from None
+        raise AssertionError("unreachable")
+
+    def _start_pool(self):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        from kosmos2_cli.runtime.prepare import worker_ready
+
+        initializer, args = self.engine.worker_setup()
+        # spawn: the workers start clean (no copy of a process that holds a CUDA context)
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=initializer, initargs=args)
+        wait([pool.submit(worker_ready, 0.2) for _ in range(self.workers)])  # started before the first upload
+        return pool
+
+    def _replace_pool(self, broken) -> None:
+        with self._pool_lock:
+            if self._pool is not broken or self._stopping:
+                return  # another handler replaced it already, or the server is stopping
+            self.notice("a process preparing uploads stopped; starting a fresh pool")
+            broken.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._start_pool()
 
     @property
     def queued(self) -> int:
@@ -304,14 +356,11 @@ def prepare_work(scheduler: Scheduler, spec: TaskSpec, upload: bytes, name: str,
     ImageLoadError (not an image, truncated, a decompression bomb) or PromptError (a box outside the picture, a
     prompt longer than the rows allow)."""
     from kosmos2_cli.api.prompts import PromptError, refer_prompt
-    from kosmos2_cli.processing.images import load_image_bytes
 
     engine = scheduler.engine
-    image = load_image_bytes(upload, name)
-    spec.check_image(*image.size)
-    pixels = engine.processor.image_processor(image, return_tensors="np")["pixel_values"]
+    prepared = scheduler.prepare(upload, name, spec)
+    picture, pixels = prepared.image, prepared.inputs
     texts = tuple(spec.prompt_texts) or (refer_prompt((0, 0)),)  # refer's prompt: the same length for any box
-    picture = Picture(*image.size)
     length = scheduler.prompt_lengths.get(texts)
     if length is None:
         length = int(engine.processor(text=list(texts), images=[picture] * len(texts), pixels=False,
