@@ -18,19 +18,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_helpers import bomb_png, invoke, not_an_image, random_checkpoint, truncated_jpeg
+from cli_helpers import (
+    bomb_png,
+    invoke,
+    kosmos2_command,
+    not_an_image,
+    random_checkpoint,
+    subprocess_env,
+    truncated_jpeg,
+)
 from oracle import IMAGES
 from serve_helpers import (
     TOKEN,
     cases,
     cli_error,
     cli_records,
+    free_port,
     metric,
     post,
     request,
     same_record,
     serve_in_process,
     serve_subprocess,
+    wait_healthy,
 )
 
 pytest.importorskip("fastapi")
@@ -459,3 +469,29 @@ def test_uploads_go_to_processes_on_a_gpu_machine_with_cores(monkeypatch):
     monkeypatch.setenv("KOSMOS2_PREPARE", "threads")
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
     assert default_prepare_workers(on_gpu=True) == 0
+
+
+def test_ctrl_c_stops_a_server_with_worker_processes_cleanly(trained_dir, tmp_path):
+    """Ctrl-C reaches the whole process group, the preparing processes too: the server drains and exits 130, and
+    no worker prints a KeyboardInterrupt traceback."""
+    import os
+    import subprocess
+
+    port = free_port()
+    with open(tmp_path / "serve.log", "w+") as log:
+        process = subprocess.Popen([*kosmos2_command(), "serve", "--model", str(trained_dir), "--port", str(port),
+                                    "--max-new-tokens", str(NEW_TOKENS)], stdout=log, stderr=log,
+                                   env=subprocess_env(KOSMOS2_TOKEN="", KOSMOS2_PREPARE="processes"),
+                                   start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_healthy(base, process)
+            assert post(base, "caption", _image("snowman.png"), token=None).status == 200
+            os.killpg(process.pid, signal.SIGINT)
+            assert process.wait(60) == 130  # drained; 130 as for any command the user interrupts
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        log.seek(0)
+        text = log.read()
+    assert "serving" in text and "Traceback" not in text and "KeyboardInterrupt" not in text, text

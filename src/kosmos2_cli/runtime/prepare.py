@@ -70,8 +70,13 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(folder: Path) -> None:
+    import signal
+
     from kosmos2_cli.processing.image_processing import Kosmos2ImageProcessor
 
+    # Ctrl-C reaches the whole process group: the parent handles it (it drains, or stops the run and keeps what was
+    # written) and then shuts its pool down; a worker's own KeyboardInterrupt would only print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
     _WORKER["image_processor"] = Kosmos2ImageProcessor.from_pretrained(folder)
 
