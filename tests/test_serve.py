@@ -432,10 +432,19 @@ def test_uploads_prepared_in_worker_processes_answer_the_same(trained_dir, expec
     with serve_in_process(trained_dir, token=None, rows=16, max_new_tokens=NEW_TOKENS, prepare_workers=2) as live:
         scheduler = live.service.scheduler
         assert scheduler.workers == 2 and scheduler._pool is not None
+        submitted = []
+        original_submit = scheduler._pool.submit
+        scheduler._pool.submit = lambda *a, **k: submitted.append(a) or original_submit(*a, **k)
+        case = CASES[0]
+        lone = post(live.base, case.task, _image(case.image), case.fields, token=None)
+        assert lone.status == 200 and same_record(lone.body, expected[case.key])
+        assert not submitted  # a lone request is prepared on its own thread
+        scheduler.few_requests = 0  # from here on every upload goes to the processes
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda c: post(live.base, c.task, _image(c.image), c.fields, token=None), CASES))
         for case, reply in zip(CASES, replies, strict=True):
             assert reply.status == 200 and same_record(reply.body, expected[case.key]), case.key
+        assert len(submitted) == len(CASES)
         for name, path in bad.items():
             reply = post(live.base, "caption", (name, path.read_bytes()), token=None)
             assert reply.status == 400
@@ -446,7 +455,6 @@ def test_uploads_prepared_in_worker_processes_answer_the_same(trained_dir, expec
                                                                          "10,10,2000,20"])}
         broken = scheduler._pool
         os.kill(next(iter(broken._processes)), signal.SIGKILL)
-        case = CASES[0]
         reply = post(live.base, case.task, _image(case.image), case.fields, token=None)
         assert reply.status == 200 and same_record(reply.body, expected[case.key])
         assert scheduler._pool is not broken
