@@ -44,10 +44,7 @@ def prepare_image(image_processor, name: str, spec: TaskSpec, keep_image: bool =
     (1, 3, H, W) array, which crosses process boundaries cheaply."""
     from kosmos2_cli.processing.images import load_image
 
-    image = load_image(name)
-    spec.check_image(*image.size)
-    pixels = image_processor(image, return_tensors="np")["pixel_values"]
-    return Prepared(name, image if keep_image else Picture(*image.size), pixels)
+    return _checked(image_processor, load_image(name), name, spec, keep_image)
 
 
 def prepare_upload(image_processor, data: bytes, name: str, spec: TaskSpec) -> Prepared:
@@ -55,10 +52,13 @@ def prepare_upload(image_processor, data: bytes, name: str, spec: TaskSpec) -> P
     picture comes back as its size."""
     from kosmos2_cli.processing.images import load_image_bytes
 
-    image = load_image_bytes(data, name)
+    return _checked(image_processor, load_image_bytes(data, name), name, spec, keep_image=False)
+
+
+def _checked(image_processor, image: Image.Image, name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
     spec.check_image(*image.size)
     pixels = image_processor(image, return_tensors="np")["pixel_values"]
-    return Prepared(name, Picture(*image.size), pixels)
+    return Prepared(name, image if keep_image else Picture(*image.size), pixels)
 
 
 def worker_setup(folder: Path) -> tuple[Callable, tuple]:
@@ -117,12 +117,3 @@ def prepare_in_worker(name: str, spec: TaskSpec, keep_image: bool) -> Prepared:
 def prepare_upload_in_worker(data: bytes, name: str, spec: TaskSpec) -> Prepared:
     """`prepare_upload` in a worker process set up by `PipelineEngine.worker_setup`."""
     return prepare_upload(_WORKER["image_processor"], data, name, spec)
-
-
-def worker_ready(seconds: float) -> int:
-    """Holds a worker for `seconds` (so that a pool starts all its workers), then says which process it was."""
-    import os
-    import time
-
-    time.sleep(seconds)
-    return os.getpid()

@@ -62,14 +62,36 @@ def use_processes(images: int) -> bool:
     does. Processes cost a second to start, so they pay off for long runs on machines with cores to spare.
     KOSMOS2_PREPARE=processes|threads overrides.
     """
+    forced = forced_processes()
+    if forced is not None:
+        return forced
+    return images >= 256 and cores_to_spare()
+
+
+def forced_processes() -> bool | None:
+    """KOSMOS2_PREPARE=processes (True) or threads (False); None when it does not say."""
     forced = os.environ.get("KOSMOS2_PREPARE", "").strip().lower()
-    if forced in ("processes", "threads"):
-        return forced == "processes"
-    return images >= 256 and (os.cpu_count() or 1) >= 8
+    return forced == "processes" if forced in ("processes", "threads") else None
+
+
+def cores_to_spare() -> bool:
+    """Enough cores that worker processes pay off beside the model's thread and the run's own."""
+    return (os.cpu_count() or 1) >= 8
 
 
 def process_workers() -> int:
     return max(2, min(16, (os.cpu_count() or 2) - 2))
+
+
+def preparing_pool(engine: Engine, workers: int):
+    """A pool of `workers` processes set up to prepare images as `engine.prepare` does."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    initializer, args = engine.worker_setup()
+    # spawn: the workers start clean (no copy of a process that may hold a CUDA context)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+                               initargs=args)
 
 
 def prepare_outcome(prepare: Callable, name: str, spec: TaskSpec, *args) -> Prepared | Failure:
@@ -115,13 +137,7 @@ class Runner:
     def _pool(self):
         if not self.processes:
             return ThreadPoolExecutor(self.workers, thread_name_prefix="kosmos2-prepare")
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        initializer, args = self.engine.worker_setup()
-        # spawn: the workers start clean (no copy of a process that may hold a CUDA context)
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=initializer, initargs=args)
+        return preparing_pool(self.engine, self.workers)
 
     def _submit(self, pool, name: str) -> Future:
         """Prepare `name` on the pool (a worker process or thread): a Prepared or a Failure."""

@@ -6,7 +6,6 @@ FastAPI, uvicorn and prometheus-client come with the `serve` extra.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from kosmos2_cli.runtime.engine import PipelineEngine
@@ -34,14 +33,11 @@ def default_prepare_workers(on_gpu: bool) -> int:
     off the GIL, on GPU machines with cores to spare. On a CPU the model's own threads use the cores: none.
     KOSMOS2_PREPARE=processes|threads overrides, as for `kosmos2 batch`.
     """
-    from kosmos2_cli.runtime.runner import process_workers
+    from kosmos2_cli.runtime.runner import cores_to_spare, forced_processes, process_workers
 
-    forced = os.environ.get("KOSMOS2_PREPARE", "").strip().lower()
-    if forced == "threads":
-        return 0
-    if forced == "processes" or (on_gpu and (os.cpu_count() or 1) >= 8):
-        return process_workers()
-    return 0
+    forced = forced_processes()
+    use = (on_gpu and cores_to_spare()) if forced is None else forced
+    return process_workers() if use else 0
 
 
 @dataclass

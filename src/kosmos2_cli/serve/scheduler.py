@@ -188,7 +188,7 @@ class Scheduler:
 
         from kosmos2_cli.runtime.prepare import prepare_upload, prepare_upload_in_worker
 
-        for attempt in (1, 2):
+        for _ in range(2):  # on this pool, then once on its replacement
             pool = self._pool
             if pool is None or few:
                 return prepare_upload(self.engine.processor.image_processor, upload, name, spec)
@@ -196,21 +196,16 @@ class Scheduler:
                 return pool.submit(prepare_upload_in_worker, upload, name, spec).result()
             except BrokenProcessPool:
                 self._replace_pool(pool)
-                if attempt == 2:
-                    raise RuntimeError(f"{name}: the process preparing it stopped") from None
-        raise AssertionError("unreachable")
+        raise RuntimeError(f"{name}: the process preparing it stopped")
 
     def _start_pool(self):
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, wait
+        from concurrent.futures import wait
 
-        from kosmos2_cli.runtime.prepare import worker_ready
+        from kosmos2_cli.runtime.runner import preparing_pool
 
-        initializer, args = self.engine.worker_setup()
-        # spawn: the workers start clean (no copy of a process that holds a CUDA context)
-        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=initializer, initargs=args)
-        wait([pool.submit(worker_ready, 0.2) for _ in range(self.workers)])  # started before the first upload
+        pool = preparing_pool(self.engine, self.workers)
+        # A pool starts a process per task it is given: busy them all now, before the first upload.
+        wait([pool.submit(time.sleep, 0.2) for _ in range(self.workers)])
         return pool
 
     def _replace_pool(self, broken) -> None:
