@@ -115,6 +115,75 @@ def test_refilling_only_when_every_row_is_free_is_static_batching(ours, prompts)
     assert sorted(tag for tag, _ in got) == list(range(len(prompts)))
 
 
+def _counting_decode(model, monkeypatch) -> list:
+    calls = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("lookahead", [0, 3])
+def test_no_step_runs_past_answers_that_all_reach_their_caps(ours, prompts, monkeypatch, lookahead):
+    """Every answer cut at 5 tokens (the prefill's and 4 steps'): a batch takes 4 steps however far behind the
+    host reads the flags; the host knows the caps and does not run 3 more steps to learn from flags they ended."""
+    steps = _counting_decode(ours, monkeypatch)
+    got = _answers(ours, prompts[:8], rows=8, max_new_tokens=5, lookahead=lookahead)
+    assert len(steps) == 4
+    for tag, answer in got:
+        assert answer == trained.expected(trained.LESSONS[tag]).answer_ids[:5]
+    steps.clear()
+    _answers(ours, prompts[:16], rows=8, max_new_tokens=5, lookahead=lookahead, refill_share=1.0)
+    assert len(steps) == 8  # two batches of 4 steps
+
+
+def test_a_batch_is_refilled_before_the_last_ones_answers_are_read(ours, prompts):
+    """Static batches (refill share 1) of prompts that are ready: the next batch goes onto the rows, without
+    waiting, before the previous batch's answers are handed out (the device works while they are read)."""
+    queue, events = list(prompts[:10]), []
+
+    def admit(count, wait):
+        events.append(("admit", wait))
+        given = queue[:count]
+        del queue[:count]
+        return given or None
+
+    eos, pad = ours.config.text_config.eos_token_id, ours.config.text_config.pad_token_id
+    for answer in stream(ours, admit, rows=5, longest_prompt=max(len(p.ids) for p in prompts), max_new_tokens=6,
+                         stops=[eos], pad=pad, refill_share=1.0, lookahead=3):
+        events.append(("answer", answer.tag))
+        assert answer.ids == trained.expected(trained.LESSONS[answer.tag]).answer_ids[:6]
+    assert events[0] == ("admit", True)  # nothing to hand out yet: waits for the first prompts
+    second = events.index(("admit", False))
+    assert all(kind == "admit" for kind, _ in events[:second])  # no answer read before the second batch
+    assert sorted(tag for kind, tag in events if kind == "answer") == list(range(10))
+
+
+def test_a_slow_writer_does_not_stall_the_run(trained_dir, shared_fixtures):
+    """The model waits for a writer that lags (at most `prefetch` records ahead) while no row runs; the writer
+    must not wait for the model then (a run with a slow consumer used to hang there for good)."""
+    import threading
+    import time
+
+    from kosmos2_cli.api.tasks import TaskSpec
+    from kosmos2_cli.runtime.engine import PipelineEngine
+    from kosmos2_cli.runtime.runner import Runner
+
+    names = [str(lesson.path) for lesson in trained.LESSONS[:6]]
+    runner = Runner(PipelineEngine(trained_dir, device="cpu"), TaskSpec.build("caption"), batch_size=2, prefetch=1)
+    got: list = []
+
+    def consume() -> None:
+        for outcome, _ in runner.run(names):
+            time.sleep(0.2)
+            got.append(outcome)
+
+    worker = threading.Thread(target=consume, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "the run hung"
+    assert [outcome.image for outcome in got] == names
+
+
 def test_one_token_answers(ours, prompts):
     for tag, answer in _answers(ours, prompts, rows=3, max_new_tokens=1):
         assert answer == trained.expected(trained.LESSONS[tag]).answer_ids[:1]

@@ -124,7 +124,7 @@ class _Rows:
         self.limit = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)  # each row's cap
         self.running = torch.zeros(rows, dtype=torch.bool, device=device)
         self.last = torch.full((rows,), pad, dtype=torch.long, device=device)  # each row's next input token
-        self.flags = torch.zeros((2, rows), dtype=torch.long, device=device)  # (running, count) after a step
+        self.flags = torch.zeros(rows, dtype=torch.bool, device=device)  # which rows still run after a step
         self.at_rows = torch.arange(rows, device=device)
         self.cuda = device.type == "cuda"
         self.graph: Graphed | None = None  # the greedy step as one CUDA graph (built on the first step)
@@ -162,10 +162,10 @@ class _Rows:
         self.running.zero_()
         self.last.fill_(self.pad)
         self.lookahead = (LOOKAHEAD_CUDA if self.cuda else 0) if lookahead is None else lookahead
-        # Each step's flags (running, count) are copied into a ring of host buffers, read `lookahead` steps later.
+        # Each step's flags (which rows run) are copied into a ring of host buffers, read `lookahead` steps later.
         ring = self.lookahead + 2
         if len(self.ring) != ring:
-            self.ring = [torch.empty((2, self.rows), dtype=torch.long, pin_memory=self.cuda) for _ in range(ring)]
+            self.ring = [torch.empty(self.rows, dtype=torch.bool, pin_memory=self.cuda) for _ in range(ring)]
         self.events: list[torch.cuda.Event | None] = [None] * ring
         self.steps = 0  # decode steps launched
         self.read = 0  # steps whose flags the host has read
@@ -173,9 +173,10 @@ class _Rows:
         # the sampling of rows that choose their own way (by row).
         self.tags: list[object | None] = [None] * self.rows
         self.since = [0] * self.rows
+        self.capped = [0] * self.rows  # the step count by which each row's cap has surely ended its answer
         self.samplings: dict[int, Sampling] = {}
         self.groups: list[tuple[Sampling, Tensor]] | None = []  # rows by their own sampling (None: to rebuild)
-        self.harvests: deque[tuple[list[object], list[int], Tensor, Tensor, torch.cuda.Event | None]] = deque()
+        self.harvests: deque[tuple[list[object], Tensor, Tensor, Tensor, torch.cuda.Event | None]] = deque()
 
     def loop(self, admit: Admit) -> Iterator[Answer]:
         exhausted = False
@@ -183,26 +184,44 @@ class _Rows:
             self._drop_cancelled()
             free = [r for r in range(self.rows) if self.tags[r] is None]
             busy = self.rows - len(free)
-            if busy == 0:  # every answer out before waiting for new prompts (or ending)
+            if not exhausted and free and (busy == 0 or len(free) >= self.refill_at):
+                # With every row free and answers still to hand out, prompts that are ready already go onto the
+                # rows first (the device works on them while the answers are read); only with nothing ready are
+                # the answers handed out before waiting for more.
+                wait = busy == 0 and not self.harvests
+                prompts = self._admit(admit, free, wait)
+                if prompts == [] and busy == 0 and not wait:
+                    yield from self._delivered(wait=True)
+                    prompts = self._admit(admit, free, True)
+                exhausted = prompts is None
+                busy += len(prompts or ())
+            if busy == 0:  # every answer out before ending (or asking again)
                 yield from self._delivered(wait=True)
                 if exhausted:
                     break
-            if not exhausted and free and (busy == 0 or len(free) >= self.refill_at):
-                self.calm.clear()
-                try:
-                    prompts = admit(len(free), busy == 0)
-                    exhausted = prompts is None
-                    if prompts:
-                        self._refill(free[: len(prompts)], prompts)
-                        busy += len(prompts)
-                        mark("first refill launched", len(prompts))
-                finally:
-                    self.calm.set()
-            if busy == 0:
                 continue
             self._step()
+            self._free_capped()
             self._read_flags(self.steps - 1 - self.lookahead)
-            yield from self._delivered(wait=False)
+            if exhausted or any(tag is not None for tag in self.tags):  # else the refill goes first (above)
+                yield from self._delivered(wait=False)
+
+    def _admit(self, admit: Admit, free: list[int], wait: bool) -> list[Prompt] | None:
+        """Ask for prompts for the `free` rows and launch their refill. `calm` is cleared while that launches, not
+        while `admit` waits: the threads that wait for `calm` may be the ones that `admit` waits for."""
+        if wait:
+            prompts = admit(len(free), True)
+            self.calm.clear()
+        else:
+            self.calm.clear()
+            prompts = admit(len(free), False)
+        try:
+            if prompts:
+                self._refill(free[: len(prompts)], prompts)
+                mark("first refill launched", len(prompts))
+        finally:
+            self.calm.set()
+        return prompts
 
     def _refill(self, rows: list[int], prompts: list[Prompt]) -> None:
         """Prefill `prompts` apart, copy their keys and values into `rows`, and choose their first tokens."""
@@ -251,6 +270,8 @@ class _Rows:
         self.logprobs[index, 0] = logprob
         self.count.index_fill_(0, index, 1)
         limits = [min(p.max_new_tokens or self.max_new, self.max_new) for p in prompts]
+        for row, limit in zip(rows, limits, strict=True):
+            self.capped[row] = self.steps + limit - 1  # the first token is the prefill's, then one a step
         self.limit[index] = torch.tensor(limits, device=device)
         self.running[index] = ~self._ends(first, index) & (self.limit[index] > 1)
         self.last[index] = first
@@ -301,7 +322,7 @@ class _Rows:
         return self.cuda and not self.samplings and not self.sampling.do_sample
 
     def _advance(self) -> Tensor:
-        """One decode step for every row, in place (fixed addresses: it may be a graph); (running, count) after."""
+        """One decode step for every row, in place (fixed addresses: it may be a graph); which rows run after."""
         self.cache.done.copy_(~self.running)  # the decode kernel skips finished rows' attention
         logits = self.model.decode(self.last, self.cache)
         picked, logprob = self._pick(logits)
@@ -313,8 +334,7 @@ class _Rows:
         self.count += self.running
         self.running &= ~self._ends(chosen) & (self.count < self.limit)
         self.last.copy_(chosen)
-        self.flags[0].copy_(self.running)
-        self.flags[1].copy_(self.count)
+        self.flags.copy_(self.running)
         return self.flags
 
     def _save(self) -> tuple:
@@ -341,32 +361,37 @@ class _Rows:
                 self.cancelled.discard(self.tags[r])
                 self.tags[r] = None
 
+    def _free_capped(self) -> None:
+        """Rows whose caps have ended their answers by the last step launched are free now, without waiting for
+        that step's flags: the host knows, so no steps run past the end of a batch whose answers all reach
+        their caps, and its refill is launched behind its last step."""
+        ended = [r for r in range(self.rows) if self.tags[r] is not None and self.capped[r] <= self.steps]
+        if ended:
+            self._harvest(ended)
+
     def _read_flags(self, upto: int) -> None:
         """Learn which rows had ended by step `upto`, free them, and start copying their answers back."""
         while self.read <= upto:
             slot = self.read % len(self.ring)
             if self.events[slot] is not None:
                 self.events[slot].synchronize()
-            running, count = self.ring[slot].tolist()
+            running = self.ring[slot].tolist()
             ended = [r for r in range(self.rows)
                      if not running[r] and self.tags[r] is not None and self.since[r] <= self.read]
             if ended:
-                self._harvest(ended, [count[r] for r in ended])
+                self._harvest(ended)
             self.read += 1
 
-    def _harvest(self, ended: list[int], lengths: list[int]) -> None:
+    def _harvest(self, ended: list[int]) -> None:
         """Copy the ended rows' answers to the host behind the queued steps (a refill of the rows comes after)."""
         index = torch.tensor(ended, device=self.tokens.device)
         answers, logprobs = self.tokens.index_select(0, index), self.logprobs.index_select(0, index)
+        lengths = self.count.index_select(0, index)
         event = None
         if self.cuda:
-            host = torch.empty(answers.shape, dtype=answers.dtype, pin_memory=True)
-            host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
-            host.copy_(answers, non_blocking=True)
-            host_logprobs.copy_(logprobs, non_blocking=True)
+            answers, logprobs, lengths = (_to_host(t) for t in (answers, logprobs, lengths))
             event = torch.cuda.Event()
             event.record()
-            answers, logprobs = host, host_logprobs
         self.harvests.append(([self.tags[r] for r in ended], lengths, answers, logprobs, event))
         for r in ended:
             self.tags[r] = None
@@ -377,5 +402,13 @@ class _Rows:
             if event is not None:
                 event.synchronize()
             mark("first answers read")
-            for tag, length, row, scores in zip(tags, lengths, answers.tolist(), logprobs.tolist(), strict=True):
+            for tag, length, row, scores in zip(tags, lengths.tolist(), answers.tolist(), logprobs.tolist(),
+                                                strict=True):
                 yield Answer(tag, row[:length], scores[:length])
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    """A page-locked copy of `tensor`, queued behind the work on the device (wait for an event before reading)."""
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
