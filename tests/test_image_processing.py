@@ -265,3 +265,22 @@ def test_bad_settings():
         Kosmos2ImageProcessor(image_mean=[0.5, 0.5])
     with pytest.raises(ValueError, match="RGB"):
         Kosmos2ImageProcessor(do_convert_rgb=False)(Image.new("L", (4, 4)))
+
+
+@pytest.mark.parametrize("settings", [{}, *SETTINGS],
+                         ids=["released", *(json.dumps(s, sort_keys=True) for s in SETTINGS)])
+def test_resized_bytes_and_the_lookup_table_give_the_exact_pixel_values(photo, settings, shared_fixtures):
+    """What worker processes send (the resized picture's bytes) looked up in the table is, bit for bit, what
+    `preprocess_one` computes (so `kosmos2 batch` and the service see the same pixel values as a script)."""
+    ours = Kosmos2ImageProcessor.from_dict({**RELEASED_PREPROCESSOR_CONFIG, **settings})
+    table = ours.lookup_table()
+    assert table.shape == (3, 256)
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))  # every byte value, each channel
+    for image in (photo, photo.resize((50, 130)), _odd_images(photo)["RGBA"], noise,
+                  *(Image.open(path) for path in fixture_images()[:2])):
+        resized = ours.resized(image)
+        assert resized.dtype == np.uint8 and resized.shape[0] == 3
+        want = ours.preprocess_one(image)
+        got = table[np.arange(3)[:, None, None], resized]
+        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from cli_helpers import invoke
@@ -456,3 +457,22 @@ def test_a_step_replayed_as_a_graph_gives_every_answer(ours, prompts, monkeypatc
     assert _GraphLike.captures == 1  # the second run reused the first one's step
     _answers(ours, prompts, rows=4)
     assert _GraphLike.captures == 2  # another shape, another run
+
+
+def test_prepared_bytes_encode_exactly_as_the_float_pixels(trained_dir):
+    """`kosmos2 batch` and the service prepare each picture as its resized bytes (what crosses processes and goes
+    to the device); the model side looks up their values, and the image embeddings are those of the float path,
+    bit for bit."""
+    from kosmos2_cli.api.tasks import TaskSpec
+    from kosmos2_cli.processing.images import load_image
+    from kosmos2_cli.runtime.engine import PipelineEngine
+
+    engine = PipelineEngine(trained_dir, device="cpu", dtype="float32")
+    names = sorted({str(lesson.path) for lesson in trained.LESSONS})[:3]
+    prepared = [engine.prepare(name, TaskSpec.build("caption")) for name in names]
+    assert all(item.inputs.dtype == np.uint8 for item in prepared)
+    collated = engine.collate(prepared)
+    assert collated.dtype == torch.uint8
+    floats = engine.kosmos.preprocess([load_image(name) for name in names])
+    assert torch.equal(engine.kosmos._values(collated), floats)
+    assert torch.equal(engine.kosmos.encode_pixels(collated), engine.kosmos.encode_pixels(floats))

@@ -113,6 +113,7 @@ class Kosmos2:
         self.options = options or GenerationOptions()
         self.answers = Answers(processor)
         self._patch_ids: frozenset[int] | None = None
+        self._tables: dict[torch.device, torch.Tensor] = {}  # `_values`' lookup table, per device
 
     @classmethod
     def from_pretrained(
@@ -404,10 +405,23 @@ class Kosmos2:
         return self.processor(images=list(images), return_tensors="pt")["pixel_values"]
 
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image embeddings for the decoder from `preprocess`'s pixel values, one row per image."""
+        """Image embeddings for the decoder from `preprocess`'s pixel values, or from the image processor's
+        `resized` bytes (uint8), one row per image."""
         from kosmos2_cli.generation.decoder import encode_images
 
-        return encode_images(self.model, pixel_values.to(self.model.device, non_blocking=pixel_values.is_pinned()))
+        pixels = pixel_values.to(self.model.device, non_blocking=pixel_values.is_pinned())
+        if pixels.dtype == torch.uint8:
+            pixels = self._values(pixels)
+        return encode_images(self.model, pixels)
+
+    def _values(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The processor's float values of resized bytes (N, 3, H, W), looked up where the bytes are."""
+        table = self._tables.get(pixels.device)
+        if table is None:
+            table = torch.from_numpy(self.processor.image_processor.lookup_table()).to(pixels.device)
+            self._tables[pixels.device] = table
+        channel = torch.arange(3, device=pixels.device).view(1, 3, 1, 1) * table.shape[1]
+        return table.flatten()[pixels.long() + channel]
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Image embeddings for the decoder, one row per image."""

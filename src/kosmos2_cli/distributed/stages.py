@@ -59,7 +59,7 @@ def _blank(folder: Path):
     """The pixels of a black picture: what a failed image's row carries (a tensor column has one shape)."""
     from PIL import Image
 
-    return _image_processor(folder)(Image.new("RGB", (8, 8)), return_tensors="np")["pixel_values"][0] * 0
+    return _image_processor(folder).resized(Image.new("RGB", (8, 8))) * 0  # as prepared pictures: bytes
 
 
 def _prepare_one(name: str, spec: TaskSpec, processor) -> Any:

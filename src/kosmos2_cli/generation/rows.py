@@ -81,6 +81,7 @@ def stream(model, admit: Admit, *, rows: int, longest_prompt: int, max_new_token
         raise ValueError("rows and max_new_tokens must be at least 1")
     refill_at = refill_size(rows, refill_share)
     run = _Rows.for_model(model, rows, longest_prompt, max_new_tokens, stops, pad)
+    mark("rows: run ready", rows)
     run.begin(sampling or Sampling(), lookahead, refill_at, calm or threading.Event(),
               cancelled if cancelled is not None else set())
     try:
@@ -245,6 +246,7 @@ class _Rows:
         logits = self.model.prefill(ids.to(device), scratch, attention_mask=valid.to(device), image_embeds=embeds,
                                     image_embeds_position_mask=mask.to(device), unpadded=unpadded,
                                     image_start=image_start)
+        mark("rows: first prefill launched")
         index = torch.tensor(rows, device=device)
         self.cache.load_rows(index, scratch)
         extra = max((len(p.stops) for p in prompts), default=0)
@@ -311,6 +313,7 @@ class _Rows:
             flags = self.graph()
         else:  # draws (a generator's state) and mixed samplings run eagerly
             flags = self._advance()
+        mark("rows: first step launched")
         slot = self.steps % len(self.ring)
         self.ring[slot].copy_(flags, non_blocking=self.cuda)
         if self.cuda:

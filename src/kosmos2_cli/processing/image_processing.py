@@ -164,6 +164,21 @@ class Kosmos2ImageProcessor:
         A path is opened with `load_image` (EXIF orientation applied) and then treated like any PIL image, so its
         transparency is composited onto white; the reference's path loader drops alpha instead.
         """
+        return np.ascontiguousarray(self._values(self._resized_hwc(image)).transpose(2, 0, 1))
+
+    def resized(self, image: Any) -> np.ndarray:
+        """`preprocess_one` up to its arithmetic: the converted, resized and cropped picture, (3, H, W) uint8.
+
+        A quarter of the float pixels' bytes, for preparation in other processes; `lookup_table` turns it into
+        exactly `preprocess_one`'s values (every value is a function of one byte and its channel)."""
+        return np.ascontiguousarray(self._resized_hwc(image).transpose(2, 0, 1))
+
+    def lookup_table(self) -> np.ndarray:
+        """(3, 256): what `preprocess_one` makes of each byte value in each channel, by its own arithmetic."""
+        every = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)  # a 1 x 256 picture, HWC
+        return np.ascontiguousarray(self._values(every)[0].T)
+
+    def _resized_hwc(self, image: Any) -> np.ndarray:
         pil = self._as_rgb_image(image)
         if self.do_resize:
             height, width = self._resize_target(pil.height, pil.width)
@@ -171,6 +186,10 @@ class Kosmos2ImageProcessor:
         pixels = np.asarray(pil)
         if self.do_center_crop:
             pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        return pixels
+
+    def _values(self, pixels: np.ndarray) -> np.ndarray:
+        """Rescale and normalize uint8 HWC pixels in the reference's precision and order."""
         if self.do_rescale:
             pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
         if self.do_normalize:
@@ -179,7 +198,7 @@ class Kosmos2ImageProcessor:
             mean = np.array(self.image_mean, dtype=pixels.dtype)
             std = np.array(self.image_std, dtype=pixels.dtype)
             pixels = (pixels - mean) / std
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        return pixels
 
     def _as_rgb_image(self, image: Any) -> Image.Image:
         if isinstance(image, (str, Path)):

@@ -175,7 +175,7 @@ class PipelineEngine:
         """The batch's pixels as one tensor; bound for a GPU, already on their way there (`Staged`).
 
         Done off the model's thread: the pixels go into page-locked memory and their copy to the GPU runs on a
-        stream of its own, beside earlier work, instead of in front of the image encoder (at 256 images, 154 MB).
+        stream of its own, beside earlier work, instead of in front of the image encoder (at 256 images, 38 MB).
         """
         import numpy as np
         import torch
@@ -184,7 +184,8 @@ class PipelineEngine:
 
         shape = (sum(item.inputs.shape[0] for item in batch), *batch[0].inputs.shape[1:])
         to_gpu = self.on_gpu and torch.cuda.is_available()
-        pixels = torch.empty(shape, dtype=torch.float32, pin_memory=to_gpu)
+        dtype = torch.from_numpy(batch[0].inputs[:0]).dtype
+        pixels = torch.empty(shape, dtype=dtype, pin_memory=to_gpu)
         np.concatenate([item.inputs for item in batch], out=pixels.numpy())
         return Staged.copy(pixels, self._staging_stream()) if to_gpu else pixels
 
@@ -218,6 +219,7 @@ class PipelineEngine:
             requests = []
             for chunk, pixels in parts:
                 embeds = kosmos.encode_pixels(pixels.take() if isinstance(pixels, Staged) else pixels).clone()
+                mark("first images encoded (launched)")
                 requests += [Request(item, item.name, item.image, spec.image_jobs(item.name), row)
                              for item, row in zip(chunk, embeds, strict=True)]
             return requests

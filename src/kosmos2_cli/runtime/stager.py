@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
+from kosmos2_cli.fast.marks import mark
 from kosmos2_cli.runtime.prepare import Prepared
 
 
@@ -60,7 +61,10 @@ class Stager:
             while not self.calm.wait(0.005) and not self.wanted.is_set():
                 pass
         chunk = list(islice(self.items, count))
-        return chunk, (self.collate(chunk) if chunk else None)
+        mark("stager: first images taken", len(chunk))
+        staged = self.collate(chunk) if chunk else None
+        mark("stager: first pixels collated")
+        return chunk, staged
 
     def take(self, count: int) -> list[tuple[list[Prepared], Any]]:
         """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order."""
