@@ -420,7 +420,7 @@ class Kosmos2:
         if table is None:
             table = torch.from_numpy(self.processor.image_processor.lookup_table()).to(pixels.device)
             self._tables[pixels.device] = table
-        channel = torch.arange(3, device=pixels.device).view(1, 3, 1, 1) * table.shape[1]
+        channel = torch.arange(table.shape[0], device=pixels.device).view(1, -1, 1, 1) * table.shape[1]
         return table.flatten()[pixels.long() + channel]
 
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:

@@ -210,12 +210,10 @@ class _Rows:
     def _admit(self, admit: Admit, free: list[int], wait: bool) -> list[Prompt] | None:
         """Ask for prompts for the `free` rows and launch their refill. `calm` is cleared while that launches, not
         while `admit` waits: the threads that wait for `calm` may be the ones that `admit` waits for."""
-        if wait:
-            prompts = admit(len(free), True)
-            self.calm.clear()
-        else:
-            self.calm.clear()
-            prompts = admit(len(free), False)
+        if not wait:
+            self.calm.clear()  # a prompt that is ready may come with its image's encoding launched
+        prompts = admit(len(free), wait)
+        self.calm.clear()
         try:
             if prompts:
                 self._refill(free[: len(prompts)], prompts)
