@@ -212,3 +212,61 @@ def test_default_batch_size_leaves_bad_settings_to_the_model_load(trained_dir, m
 
     monkeypatch.setattr(PipelineEngine, "on_gpu", property(lambda self: True))
     assert default_batch_size(PipelineEngine(trained_dir, device="cuda", dtype="int8")) == 64
+
+
+def test_preloaded_weights_load_on_their_own_thread_and_answer_the_same(trained_dir, monkeypatch):
+    """`preload` (what the commands use) loads the weights on a thread of its own from the engine's start, beside
+    the tokenizer; the records are those of weights loaded when the run wants them."""
+    from oracle import fixture_images
+
+    from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
+    from kosmos2_cli.runtime.engine import PipelineEngine
+
+    names = [str(path) for path in fixture_images()[:3]]
+    threads = []
+    load = Kosmos2ForConditionalGeneration.from_pretrained.__func__
+
+    def recorded(cls, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return load(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Kosmos2ForConditionalGeneration, "from_pretrained", classmethod(recorded))
+    records = {}
+    for preload in (False, True):
+        engine = PipelineEngine(trained_dir, device="cpu", dtype="float32", preload=preload)
+        outcomes = [outcome for outcome, _ in Runner(engine, SPEC, batch_size=2).run(names)]
+        records[preload] = [outcome.to_dict() for outcome in outcomes]
+    assert threads == ["kosmos2-model", "kosmos2-load"]
+    assert records[True] == records[False] and len(records[True]) == 3
+
+
+def test_a_preload_that_fails_raises_where_the_weights_are_wanted(trained_dir, tmp_path):
+    """A broken weights file does not fail the engine's construction on another thread unseen: the run that
+    needs the weights gets the ModelLoadError naming the folder."""
+    import shutil
+
+    from kosmos2_cli.runtime.engine import ModelLoadError, PipelineEngine
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    engine = PipelineEngine(broken, device="cpu", preload=True)
+    with pytest.raises(ModelLoadError, match="broken"):
+        engine.load()
+
+
+def test_a_preloaded_engine_sizes_its_batch_by_the_memory_free_before_the_weights(trained_dir, monkeypatch):
+    """The batch size is chosen while the weights may still be coming in: it counts from the free memory
+    measured before they did, less their size, not from whatever part of them has arrived."""
+    from kosmos2_cli.runtime.engine import PipelineEngine
+    from kosmos2_cli.runtime.runner import default_batch_size
+
+    free = {"bytes": 80 << 30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    monkeypatch.setattr(PipelineEngine, "on_gpu", property(lambda self: True))
+    lazy = PipelineEngine(trained_dir, device="cpu", dtype="bfloat16")
+    want = default_batch_size(lazy)
+    engine = PipelineEngine(trained_dir, device="cpu", dtype="bfloat16", preload=True)
+    engine.load()
+    free["bytes"] = 1 << 30  # the weights and more taken since
+    assert default_batch_size(engine) == want == 256

@@ -45,7 +45,9 @@ def open_engine(settings: Settings, reporter: Reporter):
         raise CliError.of(err) from err
     folder = find_model(settings.model, settings.revision, reporter)
     try:
-        engine = PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share())
+        # Every command that opens an engine runs the model: its weights load from here on, beside the rest.
+        engine = PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share(),
+                                preload=True)
         mark("engine: tokenizer loaded")
         return engine
     except ModelLoadError as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -97,11 +98,13 @@ ACTIVATIONS_PER_ROW = 8 << 20
 
 class PipelineEngine:
     """The bundled PyTorch pipeline. The tokenizer and image settings load at once (workers need them); the
-    weights on first use (or `load`: a run loads them while its first images are prepared)."""
+    weights on first use (or `load`: a run loads them while its first images are prepared), or from the start
+    on a thread of their own with `preload` (a command that will surely run the model: the tokenizer, the batch
+    size and the workers' start then overlap the weights' load instead of coming before it)."""
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
                  options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None,
-                 refill_share: float | None = None) -> None:
+                 refill_share: float | None = None, preload: bool = False) -> None:
         from kosmos2_cli.processing.processor import Kosmos2Processor
 
         self.folder = Path(folder)
@@ -110,26 +113,52 @@ class PipelineEngine:
         self.options = options or GenerationOptions()
         self.refill_share = refill_share  # None: the row scheduler's default
         check_model_folder(self.folder)
-        with _loading(self.folder):
-            self.processor = Kosmos2Processor.from_pretrained(self.folder)
         self._kosmos: Kosmos2 | None = None
         self._stream = None  # the side stream `collate` copies pixels to the GPU on (made on first use)
-        self.on_load = on_load  # called with True before the weights load, False after
+        self.on_load = on_load  # called with True before the run waits for the weights, False after
+        self._model: Future | None = None  # the weights loading on their own thread (`preload`)
+        self._free_before: int | None = None  # the device's free memory before they did
+        self._measured = threading.Event()
+        if preload:
+            self._model = Future()
+            threading.Thread(target=self._preload, daemon=True, name="kosmos2-load").start()
+        with _loading(self.folder):
+            self.processor = Kosmos2Processor.from_pretrained(self.folder)
+
+    def _preload(self) -> None:
+        try:
+            self._model.set_result(self._load_model())
+        except BaseException as err:  # raised where the weights are wanted (`kosmos`)
+            self._model.set_exception(err)
+        finally:
+            self._measured.set()
+
+    def _load_model(self):
+        from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
+
+        mark("weights: loading")
+        with _loading(self.folder):
+            if self.on_gpu:
+                import torch
+
+                from kosmos2_cli.model.devices import resolve_device
+
+                self._free_before = torch.cuda.mem_get_info(resolve_device(self.device))[0]
+            self._measured.set()
+            model = Kosmos2ForConditionalGeneration.from_pretrained(self.folder, device=self.device,
+                                                                    dtype=self.dtype)
+        mark("weights: loaded")
+        return model
 
     @property
     def kosmos(self) -> Kosmos2:
-        """The loaded pipeline (weights load on first use)."""
+        """The loaded pipeline (weights load on first use, or are waited for if they are loading)."""
         if self._kosmos is None:
-            from kosmos2_cli.api.models import Kosmos2ForConditionalGeneration
             from kosmos2_cli.api.pipeline import Kosmos2
 
             if self.on_load:
                 self.on_load(True)
-            mark("weights: loading")
-            with _loading(self.folder):
-                model = Kosmos2ForConditionalGeneration.from_pretrained(self.folder, device=self.device,
-                                                                        dtype=self.dtype)
-            mark("weights: loaded")
+            model = self._model.result() if self._model is not None else self._load_model()
             self._kosmos = Kosmos2(model, self.processor, self.options)
             if self.on_load:
                 self.on_load(False)
@@ -158,9 +187,14 @@ class PipelineEngine:
         width = resolve_dtype(self.dtype, device).itemsize
         config = Kosmos2Config.from_json_file(self.folder / "config.json")
         text = config.text_config
-        free, _ = torch.cuda.mem_get_info(device)
-        if self._kosmos is None:
-            free -= PARAMETERS * width
+        if self._model is not None:  # loading or loaded from the start: the memory free before they came
+            self._measured.wait()
+        if self._free_before is not None:
+            free = self._free_before - PARAMETERS * width
+        else:
+            free, _ = torch.cuda.mem_get_info(device)
+            if self._kosmos is None:
+                free -= PARAMETERS * width
         slots = -(-(PROMPT_SLOTS + self.options.max_new_tokens) // 64) * 64  # as the decoder rounds its cache
         per_row = 2 * text.layers * text.embed_dim * slots * width + ACTIVATIONS_PER_ROW * width // 2
         return max(0, int(free * share) // per_row)
