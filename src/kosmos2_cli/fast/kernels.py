@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kosmos2_cli.fast import triton_key
+from kosmos2_cli.fast import marks, triton_key
 
 triton_key.remember()  # a new process's first kernel: ~0.45 s less (see triton_key)
+marks.watch_triton()
 
 
 @triton.jit

@@ -19,12 +19,13 @@ _seen: set[str] = set()
 _lock = threading.Lock()
 
 
-def mark(phase: str, detail: object = None) -> None:
-    """Record that `phase` is reached (first time only; `detail` goes with it) when KOSMOS2_MARKS names a file."""
-    if _FILE is None or phase in _seen:
+def mark(phase: str, detail: object = None, once: bool = True) -> None:
+    """Record that `phase` is reached (first time only, unless not `once`; `detail` goes with it) when
+    KOSMOS2_MARKS names a file."""
+    if _FILE is None or (once and phase in _seen):
         return
     with _lock:
-        if phase in _seen:
+        if once and phase in _seen:
             return
         _seen.add(phase)
         line = {"phase": phase, "s": round(time.time() - _T0, 4), "thread": threading.current_thread().name}
@@ -32,3 +33,25 @@ def mark(phase: str, detail: object = None) -> None:
             line["detail"] = detail
         with open(_FILE, "a", encoding="utf-8") as out:
             out.write(json.dumps(line) + "\n")
+
+
+def watch_triton() -> None:
+    """With marks on, one line per Triton kernel compiled or loaded from its cache (name, seconds): which of a new
+    machine's first seconds are compiles."""
+    if _FILE is None:
+        return
+    try:
+        from triton import knobs
+    except ImportError:  # older Triton: no hooks
+        return
+    begun: dict[str, float] = {}
+
+    def before(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 - Triton's names
+        begun[repr] = time.time()
+        return False
+
+    def after(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002
+        seconds = max(0.0, time.time() - begun.pop(repr, time.time()))
+        mark("triton: " + repr.split("[", 1)[0], round(seconds, 4), once=False)
+
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
