@@ -177,7 +177,7 @@ class PipelineEngine:
 
     def rows_that_fit(self, share: float = 0.4) -> int:
         """How many images a batch may hold on the GPU: its key/value cache and activations within `share` of the
-        free memory (the weights counted out until they are loaded)."""
+        free memory before the weights came, less their size (the same whether they are loaded, loading or not yet)."""
         import torch
 
         from kosmos2_cli.model.config import Kosmos2Config
@@ -187,14 +187,10 @@ class PipelineEngine:
         width = resolve_dtype(self.dtype, device).itemsize
         config = Kosmos2Config.from_json_file(self.folder / "config.json")
         text = config.text_config
-        if self._model is not None:  # loading or loaded from the start: the memory free before they came
+        if self._model is not None:  # loading from the start: the memory free before the weights came
             self._measured.wait()
-        if self._free_before is not None:
-            free = self._free_before - PARAMETERS * width
-        else:
-            free, _ = torch.cuda.mem_get_info(device)
-            if self._kosmos is None:
-                free -= PARAMETERS * width
+        free = self._free_before if self._free_before is not None else torch.cuda.mem_get_info(device)[0]
+        free -= PARAMETERS * width  # measured before any load: none of the weights are in it yet
         slots = -(-(PROMPT_SLOTS + self.options.max_new_tokens) // 64) * 64  # as the decoder rounds its cache
         per_row = 2 * text.layers * text.embed_dim * slots * width + ACTIVATIONS_PER_ROW * width // 2
         return max(0, int(free * share) // per_row)
