@@ -51,7 +51,8 @@ class Kosmos2ForConditionalGeneration(Kosmos2LanguageModel):
         target = resolve_device(device)
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
         if target.type == "cuda":
-            early.start_kernels(target, target_dtype)  # Triton and cuBLAS warm up while the weights load
+            # Triton, cuBLAS and the model's kernels warm up while the weights load
+            early.start_kernels(target, target_dtype, Kosmos2Config.from_json_file(folder / "config.json"))
         model = super().from_pretrained(folder, device=target, dtype=target_dtype)
         if fast:
             model.fuse_for_inference()

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is not imported here: the command line starts the driver before it imports torch
     import torch
 
+    from kosmos2_cli.model.config import Kosmos2Config
+
 _begun: dict[str, threading.Thread] = {}
 _DRIVERS = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
 
@@ -40,10 +42,11 @@ def start_cuda(device: str | torch.device | None = "auto") -> None:
         _begin("cuda", _open_context, index)
 
 
-def start_kernels(device: torch.device, dtype: torch.dtype) -> None:
+def start_kernels(device: torch.device, dtype: torch.dtype, config: Kosmos2Config | None = None) -> None:
     """Begin importing Triton and the kernels on a thread, then a first small matrix product on `device` in
-    `dtype` (cuBLAS's libraries and handle; ~0.1 s off the first image), once a process."""
-    _begin("kernels", _import_kernels, device, dtype)
+    `dtype` (cuBLAS's libraries and handle; ~0.1 s off the first image), then, given the model's `config`, the
+    compiles of its kernels (`fast.precompile`), once a process."""
+    _begin("kernels", _import_kernels, device, dtype, config)
 
 
 def _begin(name: str, work, *args) -> None:
@@ -67,11 +70,11 @@ def _open_context(index: int) -> None:
         driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
 
 
-def _import_kernels(device: torch.device, dtype: torch.dtype) -> None:
+def _import_kernels(device: torch.device, dtype: torch.dtype, config: Kosmos2Config | None) -> None:
     try:
         import kosmos2_cli.fast.kernels  # noqa: F401
     except Exception:  # noqa: BLE001 - the fast path imports it again and decides
-        pass
+        config = None
     try:
         import torch
 
@@ -81,4 +84,11 @@ def _import_kernels(device: torch.device, dtype: torch.dtype) -> None:
             square @ square
         stream.synchronize()
     except Exception:  # noqa: BLE001 - the model's own first product meets the same problem
-        pass
+        return
+    from kosmos2_cli.fast import precompile
+
+    if config is not None and precompile.enabled():
+        try:
+            precompile.start(config, device, dtype)
+        except Exception:  # noqa: BLE001 - nothing compiled ahead: the model's launches compile as before
+            pass

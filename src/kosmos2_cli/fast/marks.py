@@ -36,8 +36,9 @@ def mark(phase: str, detail: object = None, once: bool = True) -> None:
 
 
 def watch_triton() -> None:
-    """With marks on, one line per Triton kernel compiled or loaded from its cache (name, seconds): which of a new
-    machine's first seconds are compiles."""
+    """With marks on, one line per Triton kernel compiled or loaded from its cache (name; seconds and the
+    specialisation: argument types, warps), from the thread that compiled it: which of a new machine's first
+    seconds are compiles, and whether those begun ahead (`fast.precompile`) were the ones the model wanted."""
     if _FILE is None:
         return
     try:
@@ -47,11 +48,11 @@ def watch_triton() -> None:
     begun: dict[str, float] = {}
 
     def before(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002 - Triton's names
-        begun[repr] = time.time()
+        begun[str(key)] = time.time()
         return False
 
     def after(*, key, repr, fn, compile, is_manual_warmup, already_compiled):  # noqa: A002
-        seconds = max(0.0, time.time() - begun.pop(repr, time.time()))
-        mark("triton: " + repr.split("[", 1)[0], round(seconds, 4), once=False)
+        seconds = max(0.0, time.time() - begun.pop(str(key), time.time()))
+        mark("triton: " + repr.split("[", 1)[0], [round(seconds, 4), repr], once=False)
 
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after

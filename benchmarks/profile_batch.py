@@ -1,0 +1,104 @@
+"""A window of the GPU's timeline during `kosmos2 batch`: how busy it is, how long a decode step takes on it,
+and where it waits, from any tree of this package (the command runs as it does for a user).
+
+`PYTHONPATH=<tree>/src python benchmarks/profile_batch.py --after 8 --seconds 2 --json OUT -- batch DIR -o X ...`
+
+After `--after` seconds the profiler (CUDA activity only: CUPTI sees every stream of the process, whichever
+thread launched) records `--seconds`; the kernels' intervals are then summarised: GPU busy share (their union
+over the window), kernels and copies, decode steps (launches of the decode attention kernel over the layers),
+GPU time per step, and the longest idle gaps with the kernels either side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import runpy
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def profile_window(after: float, seconds: float, out: dict) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    time.sleep(after)
+    trace = Path(tempfile.mkdtemp()) / "trace.json"
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    prof.start()
+    time.sleep(seconds)
+    torch.cuda.synchronize()
+    prof.stop()
+    prof.export_chrome_trace(str(trace))
+    out.update(summarise(json.loads(trace.read_text())))
+
+
+def summarise(trace: dict) -> dict:
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in
+              ("kernel", "gpu_memcpy", "gpu_memset")]
+    events.sort(key=lambda e: e["ts"])
+    if not events:
+        return {"kernels": 0}
+    start, end = events[0]["ts"], max(e["ts"] + e["dur"] for e in events)
+    busy, reach = 0.0, start
+    gaps: list[tuple[float, str, str]] = []
+    previous = ""
+    for e in events:
+        if e["ts"] > reach:
+            gaps.append((e["ts"] - reach, previous, e["name"]))
+        busy += max(0.0, e["ts"] + e["dur"] - max(e["ts"], reach))
+        if e["ts"] + e["dur"] > reach:
+            reach, previous = e["ts"] + e["dur"], e["name"]
+    kernels = [e for e in events if e["cat"] == "kernel"]
+    attention = sum(1 for e in kernels if "decode_attention" in e["name"])
+    window = end - start
+    by_name = Counter()
+    for e in kernels:
+        by_name[e["name"][:60]] += e["dur"]
+    gap_total = sum(g for g, _, _ in gaps)
+    gaps.sort(reverse=True)
+    return {
+        "window_ms": round(window / 1e3, 2), "busy_share": round(busy / window, 4),
+        "kernels": len(kernels), "copies": sum(1 for e in events if e["cat"] != "kernel"),
+        "copy_ms": round(sum(e["dur"] for e in events if e["cat"] != "kernel") / 1e3, 2),
+        "decode_attention_launches": attention,
+        "gaps_over_20us": sum(1 for g, _, _ in gaps if g > 20), "gap_ms": round(gap_total / 1e3, 2),
+        "longest_gaps_us": [(round(g, 1), a[:50], b[:50]) for g, a, b in gaps[:25]],
+        "kernel_ms_by_name": {k: round(v / 1e3, 2) for k, v in by_name.most_common(25)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--after", type=float, default=8.0)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--layers", type=int, default=24, help="decoder layers (decode steps = launches / layers)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    out: dict = {}
+    watcher = threading.Thread(target=profile_window, args=(args.after, args.seconds, out), daemon=True)
+    watcher.start()
+    sys.argv = ["kosmos2", *command]
+    try:
+        runpy.run_module("kosmos2_cli", run_name="__main__")
+    except SystemExit as exit_:
+        out["exit"] = exit_.code
+    watcher.join(timeout=args.seconds + 30)
+    if out.get("decode_attention_launches"):
+        steps = out["decode_attention_launches"] / args.layers
+        out["decode_steps"] = round(steps, 1)
+        out["gpu_busy_ms_per_step"] = round(out["window_ms"] * out["busy_share"] / steps, 3)
+        out["window_ms_per_step"] = round(out["window_ms"] / steps, 3)
+    print(json.dumps(out, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
