@@ -1,7 +1,7 @@
 """A window of the GPU's timeline during `kosmos2 batch`: how busy it is, how long a decode step takes on it,
 and where it waits, from any tree of this package (the command runs as it does for a user).
 
-`PYTHONPATH=<tree>/src python benchmarks/profile_batch.py --after 8 --seconds 2 --json OUT -- batch DIR -o X ...`
+`PYTHONPATH=<tree>/src python benchmarks/profile_batch.py --after 6 --seconds 2 --json OUT -- batch DIR -o X ...`
 
 After `--after` seconds the profiler (CUDA activity only: CUPTI sees every stream of the process, whichever
 thread launched) records `--seconds`; the kernels' intervals are then summarised: GPU busy share (their union
@@ -28,7 +28,7 @@ def profile_window(after: float, seconds: float, out: dict) -> None:
 
     time.sleep(after)
     trace = Path(tempfile.mkdtemp()) / "trace.json"
-    prof = profile(activities=[ProfilerActivity.CUDA])
+    prof = profile(activities=[ProfilerActivity.CUDA], acc_events=True)
     prof.start()
     time.sleep(seconds)
     torch.cuda.synchronize()
@@ -38,11 +38,12 @@ def profile_window(after: float, seconds: float, out: dict) -> None:
 
 
 def summarise(trace: dict) -> dict:
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in
+    categories = Counter(str(e.get("cat")) for e in trace.get("traceEvents", []))
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and str(e.get("cat")).lower() in
               ("kernel", "gpu_memcpy", "gpu_memset")]
     events.sort(key=lambda e: e["ts"])
     if not events:
-        return {"kernels": 0}
+        return {"kernels": 0, "categories": dict(categories)}
     start, end = events[0]["ts"], max(e["ts"] + e["dur"] for e in events)
     busy, reach = 0.0, start
     gaps: list[tuple[float, str, str]] = []
@@ -74,7 +75,7 @@ def summarise(trace: dict) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--after", type=float, default=8.0)
+    parser.add_argument("--after", type=float, default=6.0)
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--layers", type=int, default=24, help="decoder layers (decode steps = launches / layers)")
     parser.add_argument("--json", type=Path)

@@ -1,6 +1,7 @@
-"""Kernels compiled ahead (`fast.precompile`, `fast.ahead`): the model's first launch waits for that work, the
-work itself never waits for itself, a failed probe costs nothing, and the probes launch every kernel the fast
-path uses, at the model's widths. On a GPU: after a load, a run compiles nothing on its own threads."""
+"""Kernels compiled ahead (`fast.precompile`, `fast.ahead`, `fast.compile_worker`): the model's first launch waits
+for that work, the work never waits for itself, a failed piece costs nothing, the workers start once with the
+model's config, and the probes launch every kernel the fast path uses, at the model's widths. On a GPU: a new
+process on an empty Triton cache builds every kernel in the workers, none itself."""
 
 from __future__ import annotations
 
@@ -57,11 +58,78 @@ def test_the_work_does_not_wait_for_itself_and_a_failure_is_dropped(clean):
     ahead.ready()  # afterwards: nothing to wait for
 
 
-def test_precompile_can_be_turned_off(monkeypatch):
+class _Worker:
+    """Stands in for a compile worker's process."""
+
+    started: list[list[str]] = []
+
+    def __init__(self, command, **_kwargs):
+        self.command = command
+        _Worker.started.append(command)
+        self.waited = False
+
+    def wait(self, timeout=None):
+        time.sleep(0.05)
+        self.waited = True
+
+
+@pytest.fixture
+def workers(monkeypatch, clean, tmp_path):
+    monkeypatch.setattr(precompile, "_started", [])
+    monkeypatch.setattr(precompile.subprocess, "Popen", _Worker)
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("KOSMOS2_PRECOMPILE", raising=False)
+    _Worker.started = []
+    (tmp_path / "config.json").write_text("{}")
+    return tmp_path
+
+
+def test_the_workers_start_once_with_the_models_config(workers):
+    assert precompile.start(workers, torch.device("cuda", 1), torch.bfloat16)
+    assert not precompile.start(workers, "cuda", "auto")  # once a process
+    assert len(_Worker.started) == precompile.WORKERS
+    for part, command in enumerate(_Worker.started):
+        assert command[1:] == ["-m", "kosmos2_cli.fast.compile_worker", str(workers / "config.json"), "cuda:1",
+                               "bfloat16", str(part), str(precompile.WORKERS)]
+    assert ahead.pending() == precompile.WORKERS
+    ahead.ready()  # waits for every worker
+    assert ahead.pending() == 0
+
+
+def test_no_workers_without_a_config_or_when_turned_off(workers, monkeypatch, tmp_path):
+    assert not precompile.start(tmp_path / "elsewhere")
     monkeypatch.setenv("KOSMOS2_PRECOMPILE", "0")
-    assert not precompile.enabled()
-    monkeypatch.setenv("KOSMOS2_PRECOMPILE", "1")
-    assert precompile.enabled()
+    assert not precompile.start(workers)
+    assert _Worker.started == []
+
+
+def test_the_command_line_starts_them_once_the_gpu_driver_is_up(monkeypatch):
+    """`then` runs on the driver's thread after the context is there; without a driver it never runs."""
+    called = []
+    monkeypatch.setattr(early, "_begun", {})
+    monkeypatch.setattr(early, "_DRIVERS", ("libno-such-driver.so.1",))
+    early.start_cuda("auto", lambda: called.append(True))
+    early._begun["cuda"].join(timeout=10)
+    assert called == []
+
+
+def test_a_worker_compiles_without_launching(monkeypatch):
+    """`_CompileOnly`: `kernel[grid](...)` becomes Triton's `warmup` with the same arguments, then the launcher."""
+    from kosmos2_cli.fast import compile_worker
+
+    calls = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            calls.append(("warmup", args, grid, kwargs))
+            return types.SimpleNamespace(src="src", metadata="metadata")
+
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(
+        launcher_cls=lambda src, metadata: calls.append(("launcher", src, metadata))))
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(runtime=types.SimpleNamespace(driver=driver)))
+    monkeypatch.setitem(sys.modules, "triton.runtime", types.SimpleNamespace(driver=driver))
+    compile_worker._CompileOnly(Kernel())[(4, 2)](1, "x", BLOCK=64, num_warps=4)
+    assert calls == [("warmup", (1, "x"), (4, 2), {"BLOCK": 64, "num_warps": 4}), ("launcher", "src", "metadata")]
 
 
 def test_the_probes_launch_every_kernel_at_the_models_widths(monkeypatch):
@@ -120,22 +188,52 @@ def test_a_load_on_the_cpu_compiles_nothing_ahead(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels compile for CUDA only")
 @pytest.mark.parametrize("images", [1, 3])
-def test_after_a_load_the_model_compiles_no_kernel_itself(tmp_path, images):
-    """A new process on an empty Triton cache: every kernel the run compiles is compiled on a thread begun ahead
-    (the start-up marks name the thread of each compile), for a single image (the one-row kernels) and a batch."""
+def test_a_new_process_builds_no_kernel_itself(tmp_path, images):
+    """A new process on an empty Triton cache: every kernel that was not in the disk cache was built by a compile
+    worker (the start-up marks name the process of each build), for a single image (the one-row kernels) and a
+    batch; the answers are the same as with the workers off."""
     import cli_helpers
+    import oracle
 
-    folder = cli_helpers.random_checkpoint()
+    folder = tmp_path / "model"  # head widths that are powers of two, as the decode kernel needs
+    oracle.save_reference_checkpoint(folder, oracle.tiny_config(
+        text={"embed_dim": 64, "ffn_dim": 128}, vision={"hidden_size": 64, "intermediate_size": 128},
+        latent_query_num=64))
     photos = [cli_helpers.save(cli_helpers.photo(seed=n), tmp_path / "in" / f"{n}.png") for n in range(images)]
     marks = tmp_path / "marks.jsonl"
     env = {**os.environ, "KOSMOS2_MARKS": str(marks), "TRITON_CACHE_DIR": str(tmp_path / "triton"),
            "PYTHONPATH": str(cli_helpers.SRC)}
-    command = ([sys.executable, "-m", "kosmos2_cli", "caption", str(photos[0])] if images == 1 else
-               [sys.executable, "-m", "kosmos2_cli", "batch", str(tmp_path / "in"), "-o", str(tmp_path / "o.jsonl")])
-    done = subprocess.run([*command, "--model", str(folder), "--device", "cuda", *cli_helpers.FAST, "--json"],
-                          env=env, capture_output=True, text=True, timeout=300)
+
+    def run(output: str, **extra: str) -> tuple[subprocess.CompletedProcess, str]:
+        command = ([sys.executable, "-m", "kosmos2_cli", "caption", str(photos[0])] if images == 1 else
+                   [sys.executable, "-m", "kosmos2_cli", "batch", str(tmp_path / "in"), "-o", str(tmp_path / output)])
+        done = subprocess.run([*command, "--model", str(folder), "--device", "cuda", *cli_helpers.FAST, "--json"],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        records = done.stdout if images == 1 else sorted((tmp_path / output).read_text().splitlines())
+        return done, records
+
+    _, records = run("on.jsonl")
+    lines = [json.loads(line) for line in marks.read_text().splitlines()]
+    built = [line for line in lines if line["phase"].startswith("triton built: ")]
+    assert len({line["thread"] for line in built}) > 1, "the kernels were not built by several workers"
+    assert [line for line in built if not line["thread"].startswith("kosmos2-compile-")] == []
+    used = {line["phase"].split(": ")[1] for line in lines if line["phase"].startswith("triton: ")
+            and not line["thread"].startswith("kosmos2-compile-")}
+    assert used >= {"_layer_norm_kernel", "_decode_attention_append_kernel"}  # the model took them from the cache
+    assert run("off.jsonl", KOSMOS2_PRECOMPILE="0", KOSMOS2_MARKS="")[1] == records
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path's kernels run on CUDA only")
+def test_heads_of_other_widths_decode_without_the_kernel(tmp_path):
+    """Attention heads 12 wide (not a power of two, which the decode kernel's block needs): the fast path decodes
+    with PyTorch's attention instead of failing to compile."""
+    import cli_helpers
+
+    photo = cli_helpers.save(cli_helpers.photo(), tmp_path / "p.png")
+    done = subprocess.run([sys.executable, "-m", "kosmos2_cli", "caption", str(photo), "--model",
+                           str(cli_helpers.random_checkpoint()), "--device", "cuda", *cli_helpers.FAST, "--json"],
+                          env={**os.environ, "PYTHONPATH": str(cli_helpers.SRC)}, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr
-    compiles = [json.loads(line) for line in marks.read_text().splitlines() if '"triton: ' in line]
-    assert compiles, "no kernel compiled at all"
-    own = [(c["phase"], c["thread"], c["detail"][1]) for c in compiles if not c["thread"].startswith("kosmos2-ahead")]
-    assert own == []
+    assert json.loads(done.stdout.splitlines()[0])["task"] == "caption"

@@ -1,5 +1,6 @@
 """Work begun ahead on threads of its own, that the first use of its results waits for (`fast.precompile`'s
-compiles: a kernel's first launch in the model waits for them rather than compiling the same kernel beside them).
+compile workers: a kernel's first launch in the model waits for them rather than compiling the same kernel beside
+them). Imports no torch: the command line begins such work before it imports torch.
 """
 
 from __future__ import annotations
@@ -8,30 +9,20 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
-
 _begun: list[Future] = []
 _local = threading.local()  # `.ahead` is set on the threads doing the work (they must not wait for themselves)
 
 
-def begin(calls: list[Callable[[], object]], device: torch.device | None = None) -> None:
-    """Run each of `calls` on a thread of its own (on a CUDA `device`, on a side stream of it, synchronised at
-    the end); `ready` waits for them all."""
+def begin(calls: list[Callable[[], object]]) -> None:
+    """Run each of `calls` on a thread of its own; `ready` waits for them all."""
     pool = ThreadPoolExecutor(max_workers=max(1, len(calls)), thread_name_prefix="kosmos2-ahead")
-    _begun.extend(pool.submit(_run, call, device) for call in calls)
+    _begun.extend(pool.submit(_run, call) for call in calls)
     pool.shutdown(wait=False)
 
 
-def _run(call: Callable[[], object], device: torch.device | None) -> None:
+def _run(call: Callable[[], object]) -> None:
     _local.ahead = True
-    if device is None or device.type != "cuda":
-        call()
-        return
-    with torch.cuda.device(device):
-        stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(stream):
-            call()
-        stream.synchronize()
+    call()
 
 
 def ready() -> None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is not imported here: the command line starts the driver before it imports torch
     import torch
-
-    from kosmos2_cli.model.config import Kosmos2Config
 
 _begun: dict[str, threading.Thread] = {}
 _DRIVERS = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
@@ -35,18 +34,18 @@ def cuda_index(device: str | torch.device | None) -> int | None:
     return int(index or 0)
 
 
-def start_cuda(device: str | torch.device | None = "auto") -> None:
-    """Begin CUDA's driver and the device's context on a thread, where `device` may be a GPU (once a process)."""
+def start_cuda(device: str | torch.device | None = "auto", then: Callable[[], object] | None = None) -> None:
+    """Begin CUDA's driver and the device's context on a thread, where `device` may be a GPU (once a process);
+    `then` is called on that thread once the device's context is there (not at all without one)."""
     index = cuda_index(device)
     if index is not None:
-        _begin("cuda", _open_context, index)
+        _begin("cuda", _open_context, index, then)
 
 
-def start_kernels(device: torch.device, dtype: torch.dtype, config: Kosmos2Config | None = None) -> None:
+def start_kernels(device: torch.device, dtype: torch.dtype) -> None:
     """Begin importing Triton and the kernels on a thread, then a first small matrix product on `device` in
-    `dtype` (cuBLAS's libraries and handle; ~0.1 s off the first image), then, given the model's `config`, the
-    compiles of its kernels (`fast.precompile`), once a process."""
-    _begin("kernels", _import_kernels, device, dtype, config)
+    `dtype` (cuBLAS's libraries and handle; ~0.1 s off the first image), once a process."""
+    _begin("kernels", _import_kernels, device, dtype)
 
 
 def _begin(name: str, work, *args) -> None:
@@ -55,7 +54,7 @@ def _begin(name: str, work, *args) -> None:
         _begun[name].start()
 
 
-def _open_context(index: int) -> None:
+def _open_context(index: int, then: Callable[[], object] | None = None) -> None:
     for name in _DRIVERS:
         try:
             driver = ctypes.CDLL(name)
@@ -67,14 +66,18 @@ def _open_context(index: int) -> None:
     device, context = ctypes.c_int(), ctypes.c_void_p()
     if driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(device), index) == 0:
         # Kept for the life of the process, as the runtime keeps its own reference to the same context.
-        driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
+        if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) == 0 and then is not None:
+            try:
+                then()
+            except Exception:  # noqa: BLE001 - work begun early is an optimisation: its failure changes nothing
+                pass
 
 
-def _import_kernels(device: torch.device, dtype: torch.dtype, config: Kosmos2Config | None) -> None:
+def _import_kernels(device: torch.device, dtype: torch.dtype) -> None:
     try:
         import kosmos2_cli.fast.kernels  # noqa: F401
     except Exception:  # noqa: BLE001 - the fast path imports it again and decides
-        config = None
+        pass
     try:
         import torch
 
@@ -84,11 +87,4 @@ def _import_kernels(device: torch.device, dtype: torch.dtype, config: Kosmos2Con
             square @ square
         stream.synchronize()
     except Exception:  # noqa: BLE001 - the model's own first product meets the same problem
-        return
-    from kosmos2_cli.fast import precompile
-
-    if config is not None and precompile.enabled():
-        try:
-            precompile.start(config, device, dtype)
-        except Exception:  # noqa: BLE001 - nothing compiled ahead: the model's launches compile as before
-            pass
+        pass

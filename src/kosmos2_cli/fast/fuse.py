@@ -39,6 +39,10 @@ def kernels_for(device: torch.device) -> bool:
     return True
 
 
+def power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 def is_fused(model: nn.Module) -> bool:
     return model.text_model.model.carry
 
@@ -57,7 +61,7 @@ def fuse(model: nn.Module) -> None:
             module.__class__ = FastAttention
             if module.qkv is None:  # (an int8 model's are one int8 layer already)
                 fuse_qkv(module)
-            module.decode_kernel = kernels
+            module.decode_kernel = kernels and power_of_two(module.head_dim)  # (Triton's arange needs one)
         elif type(module) is LayerNorm and kernels:
             module.__class__ = FastLayerNorm
         elif type(module) is VisionEmbeddings:
@@ -70,7 +74,7 @@ def fuse(model: nn.Module) -> None:
     for layer in model.text_model.model.layers:
         layer.__class__ = FastDecoderLayer
         layer.one_row = (layer.self_attn.fused is not None and layer.self_attn.inner_attn_ln is not None
-                         and layer.activation_name in activations)
+                         and layer.self_attn.decode_kernel and layer.activation_name in activations)
     head = model.text_model.lm_head
     if type(head) is nn.Linear:
         head.__class__ = FastHead

@@ -8,7 +8,7 @@
 - `decode_attention_append`: a decode step's attention, writing the step's key and value into the cache too.
 - `linear_row`: a batch-1 decode step's matrix-vector products with their LayerNorm, bias, activation and
   residual inside, chained with programmatic dependent launch on Hopper (`use_pdl`).
-`fast.precompile` compiles them on threads of their own before the model needs them (their first launch
+`fast.precompile` compiles them in processes of their own before the model needs them (their first launch
 waits for that: `ahead.ready`).
 Each is checked against PyTorch in benchmarks/gpu.py and, through the model, in tests/test_fast_path.py.
 """
@@ -25,15 +25,6 @@ from kosmos2_cli.fast import ahead, marks, triton_key
 
 triton_key.remember()  # a new process's first kernel: ~0.45 s less (see triton_key)
 marks.watch_triton()
-
-
-def prepare_threads(device: torch.device) -> None:
-    """Make Triton's driver (its C utilities, built with gcc on a new machine) and each kernel's per-device cache
-    once, before threads launching kernels for the first time race to make them (`fast.precompile`)."""
-    with torch.cuda.device(device):
-        index = triton.runtime.driver.active.get_current_device()
-    for kernel in _KERNELS:
-        kernel.device_caches[index]
 
 
 @triton.jit
@@ -382,6 +373,3 @@ def argmax_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     _argmax_lse_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), width, BLOCK=4096, num_warps=8)
     return tokens, logprobs
 
-
-_KERNELS = (_layer_norm_kernel, _add_layer_norm_kernel, _quick_gelu_kernel, _decode_attention_append_kernel,
-            _linear_row_kernel, _argmax_lse_kernel)

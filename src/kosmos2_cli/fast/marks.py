@@ -37,8 +37,9 @@ def mark(phase: str, detail: object = None, once: bool = True) -> None:
 
 def watch_triton() -> None:
     """With marks on, one line per Triton kernel compiled or loaded from its cache (name; seconds and the
-    specialisation: argument types, warps), from the thread that compiled it: which of a new machine's first
-    seconds are compiles, and whether those begun ahead (`fast.precompile`) were the ones the model wanted."""
+    specialisation: argument types, warps), from the thread that compiled it, and a "triton built" line for each
+    that was not in the disk cache: which of a new machine's first seconds are compiles, and whether those begun
+    ahead (`fast.precompile`) were the ones the model wanted."""
     if _FILE is None:
         return
     try:
@@ -55,4 +56,10 @@ def watch_triton() -> None:
         seconds = max(0.0, time.time() - begun.pop(str(key), time.time()))
         mark("triton: " + repr.split("[", 1)[0], [round(seconds, 4), repr], once=False)
 
+    def built(*, src, metadata, metadata_group, times, cache_hit):  # a compile that missed the disk cache
+        if not cache_hit:
+            mark("triton built: " + str(getattr(src, "name", "?")), None, once=False)
+
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+    if hasattr(knobs, "compilation") and hasattr(knobs.compilation, "listener"):
+        knobs.compilation.listener = built

@@ -1,40 +1,75 @@
-"""The fast path's Triton kernels compiled while the weights load, each on a thread of its own.
+"""The fast path's Triton kernels compiled before the model needs them, in processes of their own.
 
-On a machine that has never run them, each kernel's first launch compiles it (0.1-0.9 s) and builds its C
-launcher with gcc (~0.3 s): nine of them one after the other in the first image's forward, about 6 s on an H100
-host before the first record. Here each kernel is launched once on a few rows built like the model's (the
-widths, dtypes, strides and flags that select what Triton compiles) as soon as Triton is imported, so that the
-compiles and launchers come from the disk cache, or from memory, when the model wants them. A probe whose
-arguments do not match the model's only compiles a kernel that is not used: the model's launch compiles its
-own, as it would have without this. `KOSMOS2_PRECOMPILE=0` turns it off.
+On a machine that has never run them, each kernel's first launch compiles it (0.1-0.6 s) and builds its C
+launcher with gcc (~0.3 s): nine of them one after another in the first image's forward, ~4-5 s on an H100 host
+before the first record. Compiled on threads of the same process they were no quicker (Triton's compiler holds
+Python's lock: H100, 2026-12-07). So a command starts a few worker processes (`compile_worker`) as soon as it
+knows the model folder, before it imports torch; each compiles some of the kernels into Triton's disk cache, each
+from a launch at the model's widths, dtypes and layouts (what selects the specialisation Triton compiles), and
+builds its launcher there. The model's first launch of a kernel waits for them (`ahead.ready`), then takes it from
+the cache. A probe whose arguments did not match the model's only compiles a kernel that is not used: the model's
+launch compiles its own, as it would have. `KOSMOS2_PRECOMPILE=0` turns this off.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from kosmos2_cli.fast import ahead
 
-from kosmos2_cli.model.config import Kosmos2Config
+if TYPE_CHECKING:  # torch is not imported here: the command line starts the workers before it imports torch
+    import torch
+
+    from kosmos2_cli.model.config import Kosmos2Config
+
+WORKERS = 8  # at most (and at most half the cores): each compiles every WORKERS-th probe
+WAIT = 120.0  # seconds a model waits for the workers at most (then it compiles what is missing itself)
+_started: list[bool] = []
 
 
 def enabled() -> bool:
     return os.environ.get("KOSMOS2_PRECOMPILE", "1").strip() != "0"
 
 
-def start(config: Kosmos2Config, device: torch.device, dtype: torch.dtype) -> None:
-    """Begin compiling, on threads, every kernel the fast path will launch for a model of `config` on `device`."""
-    from kosmos2_cli.fast import ahead, kernels
+def start(folder: str | Path, device: object = "auto", dtype: object = "auto") -> bool:
+    """Start the compile workers for the model in `folder` on `device` (a GPU, or `auto` where one may be) in
+    `dtype`, once a process; False where they were not started (already, turned off, no config there)."""
+    config = Path(folder) / "config.json"
+    if _started or not enabled() or not config.is_file():
+        return False
+    _started.append(True)
+    parts = max(1, min(WORKERS, (os.cpu_count() or 2) // 2))
+    command = [sys.executable, "-m", "kosmos2_cli.fast.compile_worker", str(config), str(device),
+               str(dtype).removeprefix("torch.")]
+    try:
+        workers = [subprocess.Popen([*command, str(part), str(parts)], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for part in range(parts)]
+    except OSError:
+        return False
+    ahead.begin([functools.partial(_wait, worker) for worker in workers])
+    return True
 
-    kernels.prepare_threads(device)
-    ahead.begin(probes(config, device, dtype), device)
+
+def _wait(worker: subprocess.Popen) -> None:
+    try:
+        worker.wait(WAIT)
+    except subprocess.TimeoutExpired:
+        worker.kill()
 
 
 def probes(config: Kosmos2Config, device: torch.device, dtype: torch.dtype) -> list[Callable[[], object]]:
     """One small launch per kernel specialisation the model uses: the image encoder's, a prompt's, a decode step's
     at many rows and at one."""
+    import torch
+
     from kosmos2_cli.fast import kernels
+    from kosmos2_cli.fast.fuse import power_of_two
 
     vision, text = config.vision_config, config.text_config
 
@@ -55,9 +90,10 @@ def probes(config: Kosmos2Config, device: torch.device, dtype: torch.dtype) -> l
         lambda: kernels.gelu_layer_norm(rows(ffn), norm(ffn)),
         lambda: kernels.argmax_log_softmax(_logits(text.vocab_size, device, dtype)),
     ]
-    for block, warps in {(128, 4), (64, 2)}:  # few rows, many (decode_attention_append's own choice)
-        calls.append(lambda block=block, warps=warps: _decode_attention(text, device, dtype, block, warps))
-    calls.extend(_one_row(text, device, dtype))
+    if power_of_two(text.embed_dim // text.attention_heads):  # else the model attends without the kernel
+        for block, warps in {(128, 4), (64, 2)}:  # few rows, many (decode_attention_append's own choice)
+            calls.append(lambda block=block, warps=warps: _decode_attention(text, device, dtype, block, warps))
+        calls.extend(_one_row(text, device, dtype))
     return calls
 
 
@@ -67,12 +103,16 @@ def _affine(layer: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor, floa
 
 def _logits(vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Two rows of logits as the head gives them: the vocabulary's columns of a product padded to 64 rows."""
+    import torch
+
     padded = -(-vocab // 64) * 64
     return torch.zeros(2, padded, device=device, dtype=dtype)[:, :vocab]
 
 
 def _decode_attention(text, device: torch.device, dtype: torch.dtype, block: int, warps: int) -> torch.Tensor:
     """A decode step's attention over a 64-slot cache, q/k/v being views of one fused projection (as the model's)."""
+    import torch
+
     from kosmos2_cli.fast import kernels
 
     heads, width = text.attention_heads, text.embed_dim
@@ -92,6 +132,8 @@ def _decode_attention(text, device: torch.device, dtype: torch.dtype, block: int
 
 def _one_row(text, device: torch.device, dtype: torch.dtype) -> list[Callable[[], object]]:
     """A batch-1 decode step's matrix-vector products (FastDecoderLayer) and the head's."""
+    import torch
+
     from kosmos2_cli.fast import kernels
 
     width, ffn = text.embed_dim, text.ffn_dim
