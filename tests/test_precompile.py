@@ -218,6 +218,8 @@ def test_a_new_process_builds_no_kernel_itself(tmp_path, images):
     built = [line for line in lines if line["phase"].startswith("triton built: ")]
     assert len({line["thread"] for line in built}) > 1, "the kernels were not built by several workers"
     assert [line for line in built if not line["thread"].startswith("kosmos2-compile-")] == []
+    workers = [line["detail"] for line in lines if line["phase"] == "compile worker done"]
+    assert workers and all(worker["context"] is False for worker in workers)  # no GPU memory taken
     used = {line["phase"].split(": ")[1] for line in lines if line["phase"].startswith("triton: ")
             and not line["thread"].startswith("kosmos2-compile-")}
     assert used >= {"_layer_norm_kernel", "_decode_attention_append_kernel"}  # the model took them from the cache

@@ -50,8 +50,25 @@ def main(argv: list[str]) -> int:
     config = Kosmos2Config.from_json_file(Path(config_path))
     for call in precompile.probes(config, torch.device("cpu"), dtype)[int(part)::int(parts)]:
         call()
-    mark("compile worker done", part, once=False)
+    mark("compile worker done", {"part": int(part), "context": _context_opened(device.index or 0)}, once=False)
     return 0
+
+
+def _context_opened(index: int) -> bool | None:
+    """Whether this process holds the device's primary context (it should not: a context costs GPU memory, and
+    the command sizes its batch by the memory free)."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    device, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+    if driver.cuDeviceGet(ctypes.byref(device), index) != 0:
+        return None
+    if driver.cuDevicePrimaryCtxGetState(device, ctypes.byref(flags), ctypes.byref(active)) != 0:
+        return None
+    return bool(active.value)
 
 
 if __name__ == "__main__":
