@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kosmos2_cli.fast import early, precompile
+from kosmos2_cli.fast import early
 from kosmos2_cli.fast.fuse import fuse, unfuse
 from kosmos2_cli.generation.generate import generate
 from kosmos2_cli.generation.workspace import Workspace
@@ -52,7 +52,6 @@ class Kosmos2ForConditionalGeneration(Kosmos2LanguageModel):
         target_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, target)
         if target.type == "cuda":
             early.start_kernels(target, target_dtype)  # Triton and cuBLAS warm up while the weights load
-            precompile.start(folder, target, target_dtype)  # the kernels compile meanwhile (unless begun already)
         model = super().from_pretrained(folder, device=target, dtype=target_dtype)
         if fast:
             model.fuse_for_inference()

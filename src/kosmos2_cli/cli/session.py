@@ -29,13 +29,10 @@ def expand(inputs: Sequence[str], exclude: Path | None = None) -> list[str]:
 
 def open_engine(settings: Settings, reporter: Reporter):
     """The engine for the settings: device and dtype checked, model found (downloaded once), tokenizer loaded."""
-    from kosmos2_cli.fast import early, precompile
+    from kosmos2_cli.fast import early
     from kosmos2_cli.fast.marks import mark
 
-    # The GPU's driver starts while torch is imported; given a model folder, the kernels' compiles begin then too.
-    folder = Path(settings.model).expanduser()
-    early.start_cuda(settings.device, (lambda: precompile.start(folder, settings.device, settings.dtype))
-                     if folder.is_dir() else None)
+    early.start_cuda(settings.device)  # the GPU's driver starts while torch is imported
     from kosmos2_cli.model.devices import resolve_device, resolve_dtype
     from kosmos2_cli.runtime.engine import ModelLoadError, PipelineEngine
 

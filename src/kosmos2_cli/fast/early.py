@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is not imported here: the command line starts the driver before it imports torch
@@ -34,12 +33,11 @@ def cuda_index(device: str | torch.device | None) -> int | None:
     return int(index or 0)
 
 
-def start_cuda(device: str | torch.device | None = "auto", then: Callable[[], object] | None = None) -> None:
-    """Begin CUDA's driver and the device's context on a thread, where `device` may be a GPU (once a process);
-    `then` is called on that thread once the device's context is there (not at all without one)."""
+def start_cuda(device: str | torch.device | None = "auto") -> None:
+    """Begin CUDA's driver and the device's context on a thread, where `device` may be a GPU (once a process)."""
     index = cuda_index(device)
     if index is not None:
-        _begin("cuda", _open_context, index, then)
+        _begin("cuda", _open_context, index)
 
 
 def start_kernels(device: torch.device, dtype: torch.dtype) -> None:
@@ -54,7 +52,7 @@ def _begin(name: str, work, *args) -> None:
         _begun[name].start()
 
 
-def _open_context(index: int, then: Callable[[], object] | None = None) -> None:
+def _open_context(index: int) -> None:
     for name in _DRIVERS:
         try:
             driver = ctypes.CDLL(name)
@@ -66,11 +64,7 @@ def _open_context(index: int, then: Callable[[], object] | None = None) -> None:
     device, context = ctypes.c_int(), ctypes.c_void_p()
     if driver.cuInit(0) == 0 and driver.cuDeviceGet(ctypes.byref(device), index) == 0:
         # Kept for the life of the process, as the runtime keeps its own reference to the same context.
-        if driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device) == 0 and then is not None:
-            try:
-                then()
-            except Exception:  # noqa: BLE001 - work begun early is an optimisation: its failure changes nothing
-                pass
+        driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), device)
 
 
 def _import_kernels(device: torch.device, dtype: torch.dtype) -> None:

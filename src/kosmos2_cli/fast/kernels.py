@@ -8,8 +8,6 @@
 - `decode_attention_append`: a decode step's attention, writing the step's key and value into the cache too.
 - `linear_row`: a batch-1 decode step's matrix-vector products with their LayerNorm, bias, activation and
   residual inside, chained with programmatic dependent launch on Hopper (`use_pdl`).
-`fast.precompile` compiles them in processes of their own before the model needs them (their first launch
-waits for that: `ahead.ready`).
 Each is checked against PyTorch in benchmarks/gpu.py and, through the model, in tests/test_fast_path.py.
 """
 
@@ -21,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kosmos2_cli.fast import ahead, marks, triton_key
+from kosmos2_cli.fast import marks, triton_key
 
 triton_key.remember()  # a new process's first kernel: ~0.45 s less (see triton_key)
 marks.watch_triton()
@@ -62,7 +60,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
                l2_normalize: bool = False) -> torch.Tensor:
     """LayerNorm over the last dimension, statistics in fp32 (as PyTorch computes them); with `l2_normalize`,
     F.normalize of the result in the same pass (the image features: three PyTorch kernels fewer to start)."""
-    ahead.ready()
     width = x.shape[-1]
     rows = x.reshape(-1, width)
     if rows.stride(-1) != 1:
@@ -95,7 +92,6 @@ def _add_layer_norm_kernel(x_ptr, h_ptr, w_ptr, b_ptr, s_ptr, y_ptr, width, eps,
 
 
 def _norm_launch(x: torch.Tensor, h: torch.Tensor | None, norm, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    ahead.ready()
     width = x.shape[-1]
     x = x.contiguous()
     h = x if h is None else h.contiguous()
@@ -128,7 +124,6 @@ def _quick_gelu_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     """x * sigmoid(1.702 x) in one pass (eager PyTorch makes three over the encoder's widest activation)."""
-    ahead.ready()
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
@@ -200,7 +195,6 @@ def decode_attention_append(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.T
     attention; read-bound: each program streams its row's keys and values once, with an online softmax.
     Rows flagged in `done` (B,) (finished captions in a batch that goes on) read nothing and give zeros.
     """
-    ahead.ready()
     batch, heads, _, head_dim = q.shape
     if block is None or warps is None:  # measured (benchmarks/attention.py, H100): fastest for few / many rows
         block, warps = (128, 4) if batch * heads < 2048 else (64, 2)
@@ -312,7 +306,6 @@ def linear_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     layer plus attention (H100: 1.84 -> 1.39 ms a step with programmatic dependent launch). Each intermediate is
     rounded to the activations' dtype where the separate kernels round it.
     """
-    ahead.ready()
     width = x.shape[-1]
     out_features = weight.shape[0]
     if weight.stride() != (width, 1):
@@ -364,7 +357,6 @@ def _argmax_lse_kernel(x_ptr, token_ptr, logprob_ptr, stride, width, BLOCK: tl.c
 def argmax_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(argmax, log_softmax at the argmax) of each row of (rows, vocab) logits: `argmax` and
     `log_softmax(logits.float())` gathered, in one read of the logits."""
-    ahead.ready()
     rows, width = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -372,4 +364,3 @@ def argmax_log_softmax(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _argmax_lse_kernel[(rows,)](logits, tokens, logprobs, logits.stride(0), width, BLOCK=4096, num_warps=8)
     return tokens, logprobs
-
