@@ -37,13 +37,14 @@ def profile_window(after: float, seconds: float, out: dict) -> None:
     out.update(summarise(json.loads(trace.read_text())))
 
 
+GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace's categories of work on the device
+
+
 def summarise(trace: dict) -> dict:
-    categories = Counter(str(e.get("cat")) for e in trace.get("traceEvents", []))
-    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and str(e.get("cat")).lower() in
-              ("kernel", "gpu_memcpy", "gpu_memset")]
-    events.sort(key=lambda e: e["ts"])
-    if not events:
-        return {"kernels": 0, "categories": dict(categories)}
+    everything = trace.get("traceEvents", [])
+    events = sorted((e for e in everything if e.get("ph") == "X" and e.get("cat") in GPU_WORK), key=lambda e: e["ts"])
+    if not events:  # say what the trace held instead
+        return {"kernels": 0, "categories": dict(Counter(str(e.get("cat")) for e in everything))}
     start, end = events[0]["ts"], max(e["ts"] + e["dur"] for e in events)
     busy, reach = 0.0, start
     gaps: list[tuple[float, str, str]] = []

@@ -38,8 +38,7 @@ def mark(phase: str, detail: object = None, once: bool = True) -> None:
 def watch_triton() -> None:
     """With marks on, one line per Triton kernel compiled or loaded from its cache (name; seconds and the
     specialisation: argument types, warps), from the thread that compiled it, and a "triton built" line for each
-    that was not in the disk cache: which of a new machine's first seconds are compiles, and whether those begun
-    ahead (`fast.precompile`) were the ones the model wanted."""
+    that was not in the disk cache: which of a new machine's first seconds are compiles, and on which thread."""
     if _FILE is None:
         return
     try:
@@ -58,7 +57,7 @@ def watch_triton() -> None:
 
     def built(*, src, metadata, metadata_group, times, cache_hit):  # a compile that missed the disk cache
         if not cache_hit:
-            mark("triton built: " + str(getattr(src, "name", "?")), None, once=False)
+            mark("triton built: " + str(getattr(src, "name", "?")), once=False)
 
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
     if hasattr(knobs, "compilation") and hasattr(knobs.compilation, "listener"):
