@@ -177,6 +177,7 @@ function info() {
     .then((i) => {
       if (!i) return;
       $("info").textContent = `${i.model} · ${i.device} · ${i.dtype} · v${i.version}`;
+      $("info").title = $("info").textContent;
       $("max_new_tokens").max = i.max_new_tokens;
       $("max_new_tokens").placeholder = `${i.max_new_tokens} (the server's)`;
     })
