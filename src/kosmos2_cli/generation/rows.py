@@ -239,13 +239,15 @@ class _Rows:
         image_start = image_block(mask, embeds.shape[1]) if unpadded else None
         if not unpadded:
             ids, mask, valid = left_align(valid, ids, mask, valid)
+        # Checked here, on the host: the model would read the mask back from the device to check it
+        one_image = bool((mask.sum(1) == embeds.shape[1]).all())
         scratch = self.scratch.head(len(prompts))
         scratch.reset()
-        logits = self.model.prefill(ids.to(device), scratch, attention_mask=valid.to(device), image_embeds=embeds,
-                                    image_embeds_position_mask=mask.to(device), unpadded=unpadded,
-                                    image_start=image_start)
+        logits = self.model.prefill(_to(ids, device), scratch, attention_mask=_to(valid, device),
+                                    image_embeds=embeds, image_embeds_position_mask=_to(mask, device),
+                                    unpadded=unpadded, image_start=image_start, one_image_per_row=one_image)
         mark("rows: first prefill launched")
-        index = torch.tensor(rows, device=device)
+        index = _to(torch.tensor(rows), device)
         self.cache.load_rows(index, scratch)
         extra = max((len(p.stops) for p in prompts), default=0)
         if extra > self.own_stops.shape[1]:
@@ -255,7 +257,7 @@ class _Rows:
             self.graph = None  # it read the old table
         width = self.own_stops.shape[1]
         table = torch.tensor([[*p.stops] + [NO_TOKEN] * (width - len(p.stops)) for p in prompts], dtype=torch.long)
-        self.own_stops[index] = table.to(device)
+        self.own_stops[index] = _to(table, device)
         for row, prompt in zip(rows, prompts, strict=True):
             self.tags[row], self.since[row] = prompt.tag, self.steps
             if prompt.sampling is not None or row in self.samplings:
@@ -272,7 +274,7 @@ class _Rows:
         limits = [min(p.max_new_tokens or self.max_new, self.max_new) for p in prompts]
         for row, limit in zip(rows, limits, strict=True):
             self.capped[row] = self.steps + limit - 1  # the first token is the prefill's, then one a step
-        self.limit[index] = torch.tensor(limits, device=device)
+        self.limit[index] = _to(torch.tensor(limits), device)
         self.running[index] = ~self._ends(first, index) & (self.limit[index] > 1)
         self.last[index] = first
 
@@ -297,7 +299,7 @@ class _Rows:
             for row, sampling in self.samplings.items():
                 by.setdefault(id(sampling), (sampling, []))[1].append(row)
             device = self.tokens.device
-            self.groups = [(s, torch.tensor(members, device=device)) for s, members in by.values()]
+            self.groups = [(s, _to(torch.tensor(members), device)) for s, members in by.values()]
         return self.groups
 
     def _ends(self, chosen: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -357,7 +359,7 @@ class _Rows:
             return
         gone = [r for r, tag in enumerate(self.tags) if tag is not None and tag in self.cancelled]
         if gone:
-            self.running[torch.tensor(gone, device=self.running.device)] = False
+            self.running[_to(torch.tensor(gone), self.running.device)] = False
             for r in gone:
                 self.cancelled.discard(self.tags[r])
                 self.tags[r] = None
@@ -385,7 +387,7 @@ class _Rows:
 
     def _harvest(self, ended: list[int]) -> None:
         """Copy the ended rows' answers to the host behind the queued steps (a refill of the rows comes after)."""
-        index = torch.tensor(ended, device=self.tokens.device)
+        index = _to(torch.tensor(ended), self.tokens.device)
         answers, logprobs = self.tokens.index_select(0, index), self.logprobs.index_select(0, index)
         lengths = self.count.index_select(0, index)
         event = None
@@ -406,6 +408,13 @@ class _Rows:
             for tag, length, row, scores in zip(tags, lengths.tolist(), answers.tolist(), logprobs.tolist(),
                                                 strict=True):
                 yield Answer(tag, row[:length], scores[:length])
+
+
+def _to(tensor: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on `device`, queued: a plain `.to(device)` waits for all the device's queued work to end
+    first, so the GPU ran dry while the host went on (a refill or a harvest drained the steps queued ahead). From
+    pageable memory CUDA stages the bytes before returning, so the host tensor may go at once."""
+    return tensor.to(device, non_blocking=True)
 
 
 def _to_host(tensor: Tensor) -> Tensor:

@@ -149,11 +149,13 @@ class Kosmos2PreTrainedModel(nn.Module):
         hidden_states: list | None = None,
         unpadded: bool = False,
         image_start: int | None = None,
+        one_image_per_row: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
         """(the decoder's final states, the cache) for these tokens after what `cache` already holds.
 
         `unpadded` promises no padding in a fresh prompt (plain causal attention); `image_start`, that every
         row's image slots are the one block from there (placed by slicing; see `TextTransformer.embed`);
+        `one_image_per_row`, that every row has as many image slots as `image_embeds` has rows (not read back);
         `hidden_states` collects the reference's per-layer tuple.
         """
         text = self.text_model.model
@@ -171,7 +173,7 @@ class Kosmos2PreTrainedModel(nn.Module):
             # A position counts real tokens: at most every token appended to the cache so far, and this call's.
             bound = text.padding_idx + (cache.appended if cache is not None else 0) + length
         x = text.embed(input_ids, positions, image_embeds, image_embeds_position_mask, inputs_embeds,
-                       image_start=image_start, max_position=bound)
+                       image_start=image_start, max_position=bound, one_image_per_row=one_image_per_row)
         fresh = cache is None or cache.length == 0
         if cache is not None:
             slots = cache.append(valid)
@@ -309,14 +311,16 @@ class Kosmos2LanguageModel(Kosmos2PreTrainedModel):
 
     def prefill(self, input_ids: Tensor, cache: KVCache, *, attention_mask: Tensor | None = None,
                 image_embeds: Tensor | None = None, image_embeds_position_mask: Tensor | None = None,
-                unpadded: bool = False, image_start: int | None = None) -> Tensor:
+                unpadded: bool = False, image_start: int | None = None, one_image_per_row: bool = False) -> Tensor:
         """A prompt into an empty `cache`: the logits at each row's last token, (batch, vocab).
 
-        `unpadded`, `image_start`: what the caller knows of the prompt (see `decoder_states`).
+        `unpadded`, `image_start`, `one_image_per_row`: what the caller knows of the prompt (see
+        `decoder_states`).
         """
         hidden, _ = self.decoder_states(input_ids, attention_mask=attention_mask, image_embeds=image_embeds,
                                         image_embeds_position_mask=image_embeds_position_mask, cache=cache,
-                                        unpadded=unpadded, image_start=image_start)
+                                        unpadded=unpadded, image_start=image_start,
+                                        one_image_per_row=one_image_per_row)
         return self.logits(hidden[:, -1])
 
     def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:

@@ -130,17 +130,19 @@ class TextTransformer(nn.Module):
         inputs_embeds: Tensor | None = None,
         image_start: int | None = None,
         max_position: int | None = None,
+        one_image_per_row: bool = False,
     ) -> Tensor:
         """Token embeddings with the image's rows placed, plus positions. `image_start`: the caller knows that
         every row's image slots are the one block from there (placed by slicing, no reads of the mask);
-        `max_position`: an upper bound of `position_ids` known on the host (no read-back)."""
+        `max_position`: an upper bound of `position_ids` known on the host (no read-back); `one_image_per_row`:
+        the caller checked that each row has one image's slots (no read-back of the mask)."""
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         # No host reads of data while a CUDA graph is captured, nor on the meta device (shape inference).
         capturing = inputs_embeds.is_meta or (inputs_embeds.is_cuda and torch.cuda.is_current_stream_capturing())
         if image_embeds is not None and image_embeds_position_mask is not None:
             inputs_embeds = place_image(inputs_embeds, image_embeds, image_embeds_position_mask.to(torch.bool),
-                                        checked=not capturing, start=image_start)
+                                        checked=not (capturing or one_image_per_row), start=image_start)
         x = inputs_embeds * self.embed_scale
         x = x + self.position_embeddings(position_ids, x.dtype, check=not capturing, bound=max_position)
         # The reference applies embedding dropout twice (in forward_embedding and again before the layers).

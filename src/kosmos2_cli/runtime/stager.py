@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
 from kosmos2_cli.fast.marks import mark
 from kosmos2_cli.runtime.prepare import Prepared
+
+
+def concatenated(arrays: Sequence[Any], pinned: bool):
+    """NumPy arrays as one tensor along their first axis, in page-locked memory when `pinned`: a copy from there
+    to the GPU is queued behind the device's work, where one from ordinary memory first waits for that work."""
+    import numpy as np
+    import torch
+
+    shape = (sum(array.shape[0] for array in arrays), *arrays[0].shape[1:])
+    out = torch.empty(shape, dtype=torch.from_numpy(arrays[0][:0]).dtype, pin_memory=pinned)
+    np.concatenate(arrays, out=out.numpy())
+    return out
 
 
 @dataclass

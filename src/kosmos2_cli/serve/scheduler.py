@@ -291,10 +291,11 @@ class Scheduler:
                 chosen.append(work)
                 prompts += work.prompts
                 self._in_flight[work.key] = work
-        import torch
+
+        from kosmos2_cli.runtime.stager import concatenated
 
         kosmos = self.engine.kosmos
-        pixels = torch.from_numpy(np.concatenate([work.pixels for work in chosen]))
+        pixels = concatenated([work.pixels for work in chosen], pinned=kosmos.model.device.type == "cuda")
         embeds = kosmos.encode_pixels(pixels).clone()
         return [Request(work.key, work.name, work.picture, work.spec.jobs(0), row, work.options)
                 for work, row in zip(chosen, embeds, strict=True)]
