@@ -8,31 +8,78 @@ scheduler means to make (the flags `lookahead` steps back, a harvest's copies) a
 
 from __future__ import annotations
 
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+import kosmos2_cli.generation.rows as rows_module
+
 trained = pytest.importorskip("trained")
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="synchronising with a GPU needs one")
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="synchronising with a GPU needs one")
+ROWS = Path(rows_module.__file__).resolve()
 
 
 def _answers(engine, prepared, spec, rows):
     return [engine.finish(started, spec).to_dict() for _, started in engine.stream(iter(prepared), spec, rows)]
 
 
-def test_the_row_scheduler_never_waits_for_the_device_queue(trained_dir):
+def _run(trained_dir, device: str):
+    """An engine on `device`, a spec and its prepared images: two phrases of different lengths make padded
+    prompts (the model's image placement is then checked on the host)."""
     from oracle import fixture_images
 
     from kosmos2_cli.api.tasks import TaskSpec
     from kosmos2_cli.runtime.engine import PipelineEngine
 
-    engine = PipelineEngine(trained_dir, device="cuda")
-    # Two phrases of different lengths: padded prompts (the model's image placement is checked on the host)
+    engine = PipelineEngine(trained_dir, device=device)
     spec = TaskSpec.build("ground", phrases=["a snowman", "a fire burning in the snow"])
-    names = [str(path) for path in fixture_images()] * 2
-    prepared = [engine.prepare(name, spec) for name in names]
+    prepared = [engine.prepare(str(path), spec) for path in fixture_images()] * 2
+    return engine, spec, prepared
+
+
+def test_the_row_scheduler_moves_tables_to_the_device_queued(trained_dir, monkeypatch):
+    """Where no GPU is: every host-to-device move the scheduler makes is queued (`non_blocking`), none waits.
+    (A `.to(device)` or `torch.tensor(..., device=...)` in generation/rows.py fails this on any machine.)"""
+    waits, queued = [], []
+    to, tensor = torch.Tensor.to, torch.tensor
+
+    def from_rows() -> str | None:
+        frame = sys._getframe(2)
+        if frame.f_code.co_name == "_to":  # the helper: name its caller
+            frame = frame.f_back
+        return f"{frame.f_code.co_name}:{frame.f_lineno}" if Path(frame.f_code.co_filename).resolve() == ROWS \
+            else None
+
+    def spy_to(self, *args, **kwargs):
+        where = from_rows()
+        moves = any(isinstance(a, (torch.device, str)) for a in args) or "device" in kwargs
+        if where and moves:
+            (queued if kwargs.get("non_blocking") else waits).append(where)
+        return to(self, *args, **kwargs)
+
+    def spy_tensor(*args, **kwargs):
+        where = from_rows()
+        if where and kwargs.get("device") is not None:
+            waits.append(where)
+        return tensor(*args, **kwargs)
+
+    engine, spec, prepared = _run(trained_dir, "cpu")
+    monkeypatch.setattr(torch.Tensor, "to", spy_to)
+    monkeypatch.setattr(torch, "tensor", spy_tensor)
+    answers = _answers(engine, prepared, spec, rows=4)
+    monkeypatch.undo()
+    assert len(answers) == len(prepared)
+    assert waits == []
+    assert {where.split(":")[0] for where in queued} >= {"_refill", "_harvest"}
+
+
+@ON_CUDA
+def test_the_row_scheduler_never_waits_for_the_device_queue(trained_dir):
+    engine, spec, prepared = _run(trained_dir, "cuda")
     first = _answers(engine, prepared, spec, rows=4)  # graphs captured, kernels compiled, tables built
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

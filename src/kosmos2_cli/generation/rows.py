@@ -117,7 +117,7 @@ class _Rows:
         self.cache = self.decoder.cache
         width = -(-longest_prompt // WINDOW) * WINDOW
         self.scratch = KVCache.for_model(model.config.text_config, rows, width, device, model.cache_dtype)
-        self.stops = torch.tensor(sorted(set(stops)), dtype=torch.long, device=device)
+        self.stops = _to(torch.tensor(sorted(set(stops)), dtype=torch.long), device)
         self.own_stops = torch.full((rows, OWN_STOPS), NO_TOKEN, dtype=torch.long, device=device)  # each row's
         self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
         self.logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
