@@ -27,6 +27,10 @@ def _answers(engine, prepared, spec, rows):
     return [engine.finish(started, spec).to_dict() for _, started in engine.stream(iter(prepared), spec, rows)]
 
 
+def _tokens_of(record: dict) -> tuple:
+    return record["image"], record["text"], [(e["phrase"], e["boxes"]) for e in record["entities"]]
+
+
 def _run(trained_dir, device: str):
     """An engine on `device`, a spec and its prepared images: two phrases of different lengths make padded
     prompts (the model's image placement is then checked on the host)."""
@@ -80,7 +84,8 @@ def test_the_row_scheduler_moves_tables_to_the_device_queued(trained_dir, monkey
 @ON_CUDA
 def test_the_row_scheduler_never_waits_for_the_device_queue(trained_dir):
     engine, spec, prepared = _run(trained_dir, "cuda")
-    first = _answers(engine, prepared, spec, rows=4)  # graphs captured, kernels compiled, tables built
+    first = _answers(engine, prepared, spec, rows=4)  # kernels compiled, tables built, graphs captured:
+    _answers(engine, prepared, spec, rows=4)  # the encoder's graph of a batch size is captured at its second use
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -90,4 +95,5 @@ def test_the_row_scheduler_never_waits_for_the_device_queue(trained_dir):
             torch.cuda.set_sync_debug_mode("default")
     syncs = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
     assert syncs == []
-    assert again == first
+    # The same answers (scores may differ in their last bits: the first run's image encodings ran eagerly)
+    assert [_tokens_of(r) for r in again] == [_tokens_of(r) for r in first]
