@@ -10,9 +10,11 @@ its own stop tokens (`ground` stops at `</object>`) and, if it likes, its own wa
 
 On CUDA the host learns which rows ended from flags copied back behind each step, and reads those of the step
 `lookahead` steps back: the GPU always has queued work, and the schedule (which prompt takes which row, when)
-does not depend on timing, so sampling with a seed repeats. Greedy steps (the decoder, the choice, each row's
-bookkeeping) replay as one CUDA graph: launched one by one, their ~30 small kernels each waited for Python's lock
-while `kosmos2 batch`'s other threads ran, and a step took longer on the host than on the GPU.
+does not depend on timing, so sampling with a seed repeats. Nothing else waits for the device: tables go over
+queued (`_to`), answers come back into page-locked memory behind an event (tests/test_no_sync.py). Greedy
+steps (the decoder, the choice, each row's bookkeeping) replay as one CUDA graph: launched one by one, their ~30
+small kernels each waited for Python's lock while `kosmos2 batch`'s other threads ran, and a step took longer on
+the host than on the GPU.
 """
 
 from __future__ import annotations
