@@ -18,8 +18,9 @@ export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/kosmos2-pycache}
 for tree in new old; do
   if [ "$tree" = new ]; then src=$PWD/src; else src=$OLD; fi
   PYTHONPATH=$src timeout 150 python benchmarks/startup.py --weights "$W" --batch 4000 > "$OUT/startup-$tree.log" 2>&1
+  rm -f "/tmp/rows-ab-$tree.jsonl"  # `kosmos2 batch` resumes an existing output: start each tree afresh
   PYTHONPATH=$src timeout 90 python benchmarks/profile_batch.py --after 8 --seconds 2 --json "$OUT/profile-$tree.json" \
-    -- batch "$(dirname "$W")/kosmos2-e2e-4000" -o /tmp/rows-ab.jsonl --model "$W" --max-new-tokens 64 --json \
+    -- batch "$(dirname "$W")/kosmos2-e2e-4000" -o "/tmp/rows-ab-$tree.jsonl" --model "$W" --max-new-tokens 64 --json \
     --quiet > "$OUT/profile-$tree.log" 2>&1
   PYTHONPATH=$src timeout 120 python benchmarks/serve.py --weights "$W" --only ours --levels 1,256 \
     --json "$OUT/serve-$tree.json" > "$OUT/serve-$tree.log" 2>&1

@@ -9,6 +9,7 @@ scheduler means to make (the flags `lookahead` steps back, a harvest's copies) a
 from __future__ import annotations
 
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -16,11 +17,13 @@ import pytest
 import torch
 
 import kosmos2_cli.generation.rows as rows_module
+import kosmos2_cli.model.cache as cache_module
 
 trained = pytest.importorskip("trained")
 
 ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="synchronising with a GPU needs one")
 ROWS = Path(rows_module.__file__).resolve()
+WATCHED = {ROWS, Path(cache_module.__file__).resolve()}
 
 
 def _answers(engine, prepared, spec, rows):
@@ -47,15 +50,17 @@ def _run(trained_dir, device: str):
 
 def test_the_row_scheduler_moves_tables_to_the_device_queued(trained_dir, monkeypatch):
     """Where no GPU is: every host-to-device move the scheduler makes is queued (`non_blocking`), none waits.
-    (A `.to(device)` or `torch.tensor(..., device=...)` in generation/rows.py fails this on any machine.)"""
+    (A `.to(device)` or `torch.tensor(..., device=...)` in generation/rows.py fails this on any machine, and so
+    does `table[rows] = False` there or in the cache: a Python number put at a tensor of places is copied over
+    first, waiting.)"""
     waits, queued = [], []
-    to, tensor = torch.Tensor.to, torch.tensor
+    to, tensor, setitem = torch.Tensor.to, torch.tensor, torch.Tensor.__setitem__
 
     def from_rows() -> str | None:
         frame = sys._getframe(2)
         if frame.f_code.co_name == "_to":  # the helper: name its caller
             frame = frame.f_back
-        return f"{frame.f_code.co_name}:{frame.f_lineno}" if Path(frame.f_code.co_filename).resolve() == ROWS \
+        return f"{frame.f_code.co_name}:{frame.f_lineno}" if Path(frame.f_code.co_filename).resolve() in WATCHED \
             else None
 
     def spy_to(self, *args, **kwargs):
@@ -71,9 +76,17 @@ def test_the_row_scheduler_moves_tables_to_the_device_queued(trained_dir, monkey
             waits.append(where)
         return tensor(*args, **kwargs)
 
+    def spy_setitem(self, index, value):
+        where = from_rows()
+        places = any(isinstance(i, torch.Tensor) for i in (index if isinstance(index, tuple) else (index,)))
+        if where and places and isinstance(value, (bool, int, float)):
+            waits.append(where)
+        return setitem(self, index, value)
+
     engine, spec, prepared = _run(trained_dir, "cpu")
     monkeypatch.setattr(torch.Tensor, "to", spy_to)
     monkeypatch.setattr(torch, "tensor", spy_tensor)
+    monkeypatch.setattr(torch.Tensor, "__setitem__", spy_setitem)
     answers = _answers(engine, prepared, spec, rows=4)
     monkeypatch.undo()
     assert len(answers) == len(prepared)
@@ -86,14 +99,22 @@ def test_the_row_scheduler_never_waits_for_the_device_queue(trained_dir):
     engine, spec, prepared = _run(trained_dir, "cuda")
     first = _answers(engine, prepared, spec, rows=4)  # kernels compiled, tables built, graphs captured:
     _answers(engine, prepared, spec, rows=4)  # the encoder's graph of a batch size is captured at its second use
-    with warnings.catch_warnings(record=True) as caught:
+    syncs: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):  # where, in this package, the synchronising call was made from
+            ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+                    if "kosmos2_cli" in f.filename]
+            syncs.append(f"{Path(filename).name}:{lineno} <- " + " <- ".join(reversed(ours[-4:])))
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             again = _answers(engine, prepared, spec, rows=4)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = sorted({f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
-    assert syncs == []
+    assert sorted(set(syncs)) == []
     # The same answers (scores may differ in their last bits: the first run's image encodings ran eagerly)
     assert [_tokens_of(r) for r in again] == [_tokens_of(r) for r in first]

@@ -361,7 +361,7 @@ class _Rows:
             return
         gone = [r for r, tag in enumerate(self.tags) if tag is not None and tag in self.cancelled]
         if gone:
-            self.running[_to(torch.tensor(gone), self.running.device)] = False
+            self.running.index_fill_(0, _to(torch.tensor(gone), self.running.device), False)
             for r in gone:
                 self.cancelled.discard(self.tags[r])
                 self.tags[r] = None

@@ -133,7 +133,7 @@ class KVCache:
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
             for a, b in zip(mine, theirs, strict=True):
                 a[rows, :, :width] = b[:, :, :width]
-        self.valid[rows] = False
+        self.valid.index_fill_(0, rows, False)  # `[rows] = False` would copy the scalar over, waiting
         self.valid[rows, :width] = other.valid[:, :width]
         self.real_tokens[rows] = other.real_tokens
         self.next_slot[rows] = other.next_slot

@@ -1,0 +1,163 @@
+"""Where the model's thread spends its time during `kosmos2 batch`, and what it was doing when the GPU starved.
+
+`PYTHONPATH=<tree>/src python benchmarks/host_timing.py --json OUT -- batch DIR -o X --model W ...`
+
+The command runs in this process as it does for a user, with timers around the row scheduler's phases (refill,
+step, reading flags, harvest, handing answers out), the staging of pixels, the pace of the writer and the image
+encoder, plus a probe thread that measures how late a 1 ms sleep wakes (how long Python's lock is held by
+others). Between two decode-step launches the model's thread normally spends a few ms; each interval over
+`--stall-ms` is a stall: its length and the phases inside it, longest first. On CUDA a stall the GPU cannot
+cover (its queue is `lookahead` steps deep) is idle device time: profile_batch.py shows those gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import runpy
+import statistics
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+TOTALS: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # (thread, phase): n, s, max
+INTERVAL: dict[str, float] = defaultdict(float)  # phases since the model thread's last step launch
+STALLS: list[tuple[float, dict[str, float]]] = []
+GAPS: list[float] = []
+LAST_STEP = [0.0]
+PROBE: list[float] = []
+STOP = threading.Event()
+
+
+def _count(label: str, took: float) -> None:
+    thread = threading.current_thread().name
+    entry = TOTALS[(thread, label)]
+    entry[0] += 1
+    entry[1] += took
+    entry[2] = max(entry[2], took)
+    if thread == "kosmos2-model":
+        INTERVAL[label] += took
+
+
+def timed(owner, name: str, label: str, stall_ms: float, is_step: bool = False) -> None:
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        if is_step:
+            if LAST_STEP[0]:
+                gap = start - LAST_STEP[0]
+                GAPS.append(gap)
+                if gap * 1e3 > stall_ms:
+                    STALLS.append((gap, dict(INTERVAL)))
+            INTERVAL.clear()
+            LAST_STEP[0] = start
+        try:
+            return original(*args, **kwargs)
+        finally:
+            _count(label, time.perf_counter() - start)
+
+    setattr(owner, name, wrapper)
+
+
+def timed_generator(owner, name: str, label: str) -> None:
+    """Time spent by the consumer of a generator between its yields (the model thread's caller)."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        inner = original(*args, **kwargs)
+        while True:
+            try:
+                item = next(inner)
+            except StopIteration:
+                return
+            start = time.perf_counter()
+            yield item
+            _count(label, time.perf_counter() - start)
+
+    setattr(owner, name, wrapper)
+
+
+def probe() -> None:
+    while not STOP.is_set():
+        start = time.perf_counter()
+        time.sleep(0.001)
+        PROBE.append(time.perf_counter() - start - 0.001)
+
+
+def install(stall_ms: float) -> None:
+    from kosmos2_cli.api.pipeline import Kosmos2
+    from kosmos2_cli.generation import rows
+    from kosmos2_cli.runtime import runner, stager
+
+    timed(rows._Rows, "_step", "step", stall_ms, is_step=True)
+    for name in ("_refill", "_read_flags", "_harvest", "_free_capped", "_drop_cancelled"):
+        timed(rows._Rows, name, name.strip("_"), stall_ms)
+    timed(rows._Rows, "_admit", "admit (all)", stall_ms)
+    timed_generator(rows._Rows, "_delivered", "answers handed out (consumer)")
+    timed(stager.Stager, "take", "stager.take", stall_ms)
+    timed(stager.Stager, "_wait_ahead", "stager wait for staging", stall_ms)
+    timed(stager.Stager, "_stage", "stage (collate)", stall_ms)
+    timed(stager.Staged, "take", "staged.take", stall_ms)
+    timed(runner.Pace, "ready", "pace.ready", stall_ms)
+    timed(Kosmos2, "encode_pixels", "encode_pixels", stall_ms)
+
+
+def quantiles(values: list[float]) -> dict:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    at = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)  # noqa: E731
+    return {"n": len(values), "median_ms": round(statistics.median(values) * 1e3, 3), "p90_ms": at(0.9),
+            "p99_ms": at(0.99), "max_ms": round(ordered[-1] * 1e3, 3), "sum_s": round(sum(values), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stall-ms", type=float, default=15.0)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    install(args.stall_ms)
+    threading.Thread(target=probe, daemon=True, name="probe").start()
+    sys.argv = ["kosmos2", *command]
+    start = time.perf_counter()
+    out: dict = {}
+    try:
+        runpy.run_module("kosmos2_cli", run_name="__main__")
+    except SystemExit as exit_:
+        out["exit"] = exit_.code
+    STOP.set()
+    out["wall_s"] = round(time.perf_counter() - start, 3)
+    out["step_intervals"] = quantiles(GAPS)
+    out["gil_probe_lateness"] = quantiles(PROBE)
+    out["phases"] = {f"{thread}: {label}": {"n": n, "s": round(s, 3), "max_ms": round(most * 1e3, 2)}
+                     for (thread, label), (n, s, most) in sorted(TOTALS.items(), key=lambda kv: -kv[1][1])}
+    STALLS.sort(key=lambda stall: -stall[0])
+    out["stalls"] = {"n": len(STALLS), "sum_s": round(sum(g for g, _ in STALLS), 3),
+                     "longest": [{"ms": round(g * 1e3, 1), **{k: round(v * 1e3, 1) for k, v in inside.items()}}
+                                 for g, inside in STALLS[:15]]}
+    # What the stalls' time went to, summed over all of them (the rest: outside the timed phases)
+    spent: dict[str, float] = defaultdict(float)
+    for gap, inside in STALLS:
+        for k, v in inside.items():
+            spent[k] += v
+        spent["(untimed)"] += gap - sum(v for k, v in inside.items() if k in TOP_LEVEL)
+    out["stalls"]["by_phase_s"] = {k: round(v, 3) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+    text = json.dumps(out, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+
+
+# Phases the model thread enters directly from the loop (nested ones are inside these)
+TOP_LEVEL = {"step", "read_flags", "free_capped", "drop_cancelled", "admit (all)", "answers handed out (consumer)"}
+
+if __name__ == "__main__":
+    main()
