@@ -8,9 +8,11 @@ then copied in), so each decode step carries up to `rows` answers. A row attends
 positions count its own tokens, so each answer is what its prompt gets alone. Each prompt brings its own cap,
 its own stop tokens (`ground` stops at `</object>`) and, if it likes, its own way of choosing tokens.
 
-On CUDA the host learns which rows ended from flags copied back behind each step, and reads those of the step
-`lookahead` steps back: the GPU always has queued work, and the schedule (which prompt takes which row, when)
-does not depend on timing, so sampling with a seed repeats. Nothing else waits for the device: tables go over
+On CUDA the host learns which rows ended from flags copied back behind each step. It reads each step's flags as
+soon as they have arrived and waits for them only `lookahead` steps back: the GPU keeps up to ROWS_LOOKAHEAD_CUDA
+steps queued (~50 ms), enough to cover the host launching a large refill. A run that draws tokens reads the
+flags of exactly the step `lookahead` back instead: its schedule (which prompt takes which row, when) then does
+not depend on timing, so sampling with a seed repeats. Nothing else waits for the device: tables go over
 queued (`_to`), answers come back into page-locked memory behind an event (tests/test_no_sync.py). Greedy
 steps (the decoder, the choice, each row's bookkeeping) replay as one CUDA graph: launched one by one, their ~30
 small kernels each waited for Python's lock while `kosmos2 batch`'s other threads ran, and a step took longer on
@@ -29,7 +31,7 @@ from torch import Tensor
 
 from kosmos2_cli.fast.graphs import Graphed
 from kosmos2_cli.fast.marks import mark
-from kosmos2_cli.generation.decoder import LOOKAHEAD_CUDA, WINDOW, Decoder, image_block, left_align
+from kosmos2_cli.generation.decoder import WINDOW, Decoder, image_block, left_align
 from kosmos2_cli.generation.sampling import Sampling
 from kosmos2_cli.model.cache import KVCache
 
@@ -38,6 +40,7 @@ from kosmos2_cli.model.cache import KVCache
 REFILL_SHARE = 0.25
 NO_TOKEN = -1  # fills the per-row stop table where a row has fewer extra stops
 OWN_STOPS = 2  # room for each row's extra stops from the start (a wider table means a new step graph)
+ROWS_LOOKAHEAD_CUDA = 8  # steps the host may run ahead of the GPU; flags that arrive earlier are read earlier
 
 
 @dataclass
@@ -75,9 +78,10 @@ def stream(model, admit: Admit, *, rows: int, longest_prompt: int, max_new_token
     No prompt may be longer than `longest_prompt`; an answer ends with one of `stops` or of its prompt's own
     (kept), or after its cap. `admit` is asked for prompts when rows are free (`refill_share` of them; 1: only
     when all are, i.e. static batches), with `wait=True` when no row is busy. `lookahead`: steps the host reads
-    the flags behind (default: LOOKAHEAD_CUDA on CUDA, 0 elsewhere). `calm` is cleared while a refill is admitted
-    and launched (hundreds of kernels, each launch holding the GIL): threads that wait for it keep out of the way
-    then. Tags put into `cancelled` (by any thread) stop their rows at the next step; no answer comes for them.
+    the flags behind at the latest (default: ROWS_LOOKAHEAD_CUDA on CUDA, 0 elsewhere). `calm` is cleared while a
+    refill is admitted and launched (hundreds of kernels, each launch holding the GIL): threads that wait for it
+    keep out of the way then. Tags put into `cancelled` (by any thread) stop their rows at the next step; no
+    answer comes for them.
     """
     if rows < 1 or max_new_tokens < 1:
         raise ValueError("rows and max_new_tokens must be at least 1")
@@ -164,7 +168,8 @@ class _Rows:
         self.limit.fill_(self.max_new)
         self.running.zero_()
         self.last.fill_(self.pad)
-        self.lookahead = (LOOKAHEAD_CUDA if self.cuda else 0) if lookahead is None else lookahead
+        self.lookahead = (ROWS_LOOKAHEAD_CUDA if self.cuda else 0) if lookahead is None else lookahead
+        self.early = self.cuda and not sampling.do_sample  # flags read as they arrive (the schedule may vary)
         # Each step's flags (which rows run) are copied into a ring of host buffers, read `lookahead` steps later.
         ring = self.lookahead + 2
         if len(self.ring) != ring:
@@ -375,8 +380,10 @@ class _Rows:
             self._harvest(ended)
 
     def _read_flags(self, upto: int) -> None:
-        """Learn which rows had ended by step `upto`, free them, and start copying their answers back."""
-        while self.read <= upto:
+        """Learn which rows had ended by step `upto` (and later, where those flags have arrived and the run may
+        read them early), free them, and start copying their answers back."""
+        while self.read <= upto or (self.early and self.read < self.steps and self.events[self.read % len(
+                self.ring)].query()):
             slot = self.read % len(self.ring)
             if self.events[slot] is not None:
                 self.events[slot].synchronize()
