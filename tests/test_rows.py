@@ -476,3 +476,39 @@ def test_prepared_bytes_encode_exactly_as_the_float_pixels(trained_dir):
     floats = engine.kosmos.preprocess([load_image(name) for name in names])
     assert torch.equal(engine.kosmos._values(collated), floats)
     assert torch.equal(engine.kosmos.encode_pixels(collated), engine.kosmos.encode_pixels(floats))
+
+
+class _Arrival:
+    """A stand-in for a step's CUDA event: `query` says whether the step's flags have reached the host."""
+
+    def __init__(self, arrived: bool) -> None:
+        self.arrived, self.waited = arrived, False
+
+    def query(self) -> bool:
+        return self.arrived
+
+    def synchronize(self) -> None:
+        self.waited = True
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_flags_that_have_arrived_are_read_early_and_the_rest_waited_for_only_lookahead_back(early):
+    """On CUDA (here: events stood in for) a greedy run reads every step's flags that have arrived, in order, up to
+    the first that has not; it waits only for those `lookahead` steps back. A sampling run reads exactly those."""
+    from kosmos2_cli.generation.rows import _Rows
+
+    run = _Rows.__new__(_Rows)
+    run.rows, run.early, run.read, run.steps = 2, early, 0, 6
+    run.tags, run.since = ["a", "b"], [0, 0]
+    # Row 1 ended at step 3 (its flag false from then on); steps 0-3 have arrived, 4 and 5 not yet.
+    run.ring = [torch.tensor([True, step < 3]) for step in range(8)]
+    run.events = [_Arrival(step <= 3) for step in range(6)] + [None, None]
+    harvested = []
+    run._harvest = lambda ended: harvested.append((run.read, ended))
+    run._read_flags(1)  # as after launching step 5 with lookahead 4: wait for steps 0 and 1
+    assert [event.waited for event in run.events[:2]] == [True, True]
+    if early:
+        assert run.read == 4 and harvested == [(3, [1])]
+    else:
+        assert run.read == 2 and harvested == []
+    assert not run.events[4].waited and not run.events[5].waited
