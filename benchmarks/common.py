@@ -12,6 +12,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # oracle.py: the released tokenizer and preprocessing files
 
 
+def run_cli(command: list[str]) -> int | str | None:
+    """`kosmos2 COMMAND...` in this process, as a user runs it (a leading `--` dropped): its exit code."""
+    import runpy
+
+    sys.argv = ["kosmos2", *(command[1:] if command[:1] == ["--"] else command)]
+    try:
+        runpy.run_module("kosmos2_cli", run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
 def full_size_checkpoint(folder: Path, seed: int = 0) -> Path:
     """Random weights of the released architecture (1.66 B params, fp32 safetensors, ~6.6 GB), made once."""
     done = folder / "DONE"

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import runpy
 import statistics
-import sys
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from common import run_cli
 
 TOTALS: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0, 0.0])  # (thread, phase): n, s, max
 INTERVAL: dict[str, float] = defaultdict(float)  # phases since the model thread's last step launch
@@ -30,6 +30,9 @@ GAPS: list[float] = []
 LAST_STEP = [0.0]
 PROBE: list[float] = []
 STOP = threading.Event()
+STALL_S = 0.015  # a step interval longer than this is a stall (--stall-ms)
+# Phases the model thread enters directly from the loop (nested ones are inside these)
+TOP_LEVEL = {"step", "read_flags", "free_capped", "drop_cancelled", "admit (all)", "answers handed out (consumer)"}
 
 
 def _count(label: str, took: float) -> None:
@@ -42,7 +45,7 @@ def _count(label: str, took: float) -> None:
         INTERVAL[label] += took
 
 
-def timed(owner, name: str, label: str, stall_ms: float, is_step: bool = False) -> None:
+def timed(owner, name: str, label: str, is_step: bool = False) -> None:
     original = getattr(owner, name)
 
     @functools.wraps(original)
@@ -52,7 +55,7 @@ def timed(owner, name: str, label: str, stall_ms: float, is_step: bool = False) 
             if LAST_STEP[0]:
                 gap = start - LAST_STEP[0]
                 GAPS.append(gap)
-                if gap * 1e3 > stall_ms:
+                if gap > STALL_S:
                     STALLS.append((gap, dict(INTERVAL)))
             INTERVAL.clear()
             LAST_STEP[0] = start
@@ -90,22 +93,22 @@ def probe() -> None:
         PROBE.append(time.perf_counter() - start - 0.001)
 
 
-def install(stall_ms: float) -> None:
+def install() -> None:
     from kosmos2_cli.api.pipeline import Kosmos2
     from kosmos2_cli.generation import rows
     from kosmos2_cli.runtime import runner, stager
 
-    timed(rows._Rows, "_step", "step", stall_ms, is_step=True)
+    timed(rows._Rows, "_step", "step", is_step=True)
     for name in ("_refill", "_read_flags", "_harvest", "_free_capped", "_drop_cancelled"):
-        timed(rows._Rows, name, name.strip("_"), stall_ms)
-    timed(rows._Rows, "_admit", "admit (all)", stall_ms)
+        timed(rows._Rows, name, name.strip("_"))
+    timed(rows._Rows, "_admit", "admit (all)")
     timed_generator(rows._Rows, "_delivered", "answers handed out (consumer)")
-    timed(stager.Stager, "take", "stager.take", stall_ms)
-    timed(stager.Stager, "_wait_ahead", "stager wait for staging", stall_ms)
-    timed(stager.Stager, "_stage", "stage (collate)", stall_ms)
-    timed(stager.Staged, "take", "staged.take", stall_ms)
-    timed(runner.Pace, "ready", "pace.ready", stall_ms)
-    timed(Kosmos2, "encode_pixels", "encode_pixels", stall_ms)
+    timed(stager.Stager, "take", "stager.take")
+    timed(stager.Stager, "_wait_ahead", "stager wait for staging")
+    timed(stager.Stager, "_stage", "stage (collate)")
+    timed(stager.Staged, "take", "staged.take")
+    timed(runner.Pace, "ready", "pace.ready")
+    timed(Kosmos2, "encode_pixels", "encode_pixels")
 
 
 def quantiles(values: list[float]) -> dict:
@@ -123,16 +126,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    install(args.stall_ms)
+    global STALL_S
+    STALL_S = args.stall_ms / 1e3
+    install()
     threading.Thread(target=probe, daemon=True, name="probe").start()
-    sys.argv = ["kosmos2", *command]
     start = time.perf_counter()
-    out: dict = {}
-    try:
-        runpy.run_module("kosmos2_cli", run_name="__main__")
-    except SystemExit as exit_:
-        out["exit"] = exit_.code
+    out: dict = {"exit": run_cli(args.command)}
     STOP.set()
     out["wall_s"] = round(time.perf_counter() - start, 3)
     out["step_intervals"] = quantiles(GAPS)
@@ -155,9 +154,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(text)
 
-
-# Phases the model thread enters directly from the loop (nested ones are inside these)
-TOP_LEVEL = {"step", "read_flags", "free_capped", "drop_cancelled", "admit (all)", "answers handed out (consumer)"}
 
 if __name__ == "__main__":
     main()

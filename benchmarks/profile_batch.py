@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import runpy
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+from common import run_cli
 
 
 def profile_window(after: float, seconds: float, out: dict) -> None:
@@ -82,15 +82,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     out: dict = {}
     watcher = threading.Thread(target=profile_window, args=(args.after, args.seconds, out), daemon=True)
     watcher.start()
-    sys.argv = ["kosmos2", *command]
-    try:
-        runpy.run_module("kosmos2_cli", run_name="__main__")
-    except SystemExit as exit_:
-        out["exit"] = exit_.code
+    out["exit"] = run_cli(args.command)
     watcher.join(timeout=args.seconds + 30)
     if out.get("decode_attention_launches"):
         steps = out["decode_attention_launches"] / args.layers

@@ -170,7 +170,8 @@ class _Rows:
         self.last.fill_(self.pad)
         self.lookahead = (ROWS_LOOKAHEAD_CUDA if self.cuda else 0) if lookahead is None else lookahead
         self.early = self.cuda and not sampling.do_sample  # flags read as they arrive (the schedule may vary)
-        # Each step's flags (which rows run) are copied into a ring of host buffers, read `lookahead` steps later.
+        # Each step's flags (which rows run) are copied into a ring of host buffers, read `lookahead` steps later
+        # at the latest.
         ring = self.lookahead + 2
         if len(self.ring) != ring:
             self.ring = [torch.empty(self.rows, dtype=torch.bool, pin_memory=self.cuda) for _ in range(ring)]
@@ -382,8 +383,7 @@ class _Rows:
     def _read_flags(self, upto: int) -> None:
         """Learn which rows had ended by step `upto` (and later, where those flags have arrived and the run may
         read them early), free them, and start copying their answers back."""
-        while self.read <= upto or (self.early and self.read < self.steps and self.events[self.read % len(
-                self.ring)].query()):
+        while self.read <= upto or (self.early and self._arrived(self.read)):
             slot = self.read % len(self.ring)
             if self.events[slot] is not None:
                 self.events[slot].synchronize()
@@ -393,6 +393,10 @@ class _Rows:
             if ended:
                 self._harvest(ended)
             self.read += 1
+
+    def _arrived(self, step: int) -> bool:
+        """Has step `step` been launched and have its flags reached the host (CUDA: its event has passed)?"""
+        return step < self.steps and self.events[step % len(self.ring)].query()
 
     def _harvest(self, ended: list[int]) -> None:
         """Copy the ended rows' answers to the host behind the queued steps (a refill of the rows comes after)."""
