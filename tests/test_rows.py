@@ -512,3 +512,35 @@ def test_flags_that_have_arrived_are_read_early_and_the_rest_waited_for_only_loo
     else:
         assert run.read == 2 and harvested == []
     assert not run.events[4].waited and not run.events[5].waited
+
+
+def test_cache_block_is_rows_of_the_cache():
+    """A refill of rows side by side prefills straight into them: the block is those rows' memory, empty of
+    its own accord and not static (a prompt attends over its own length)."""
+    cache = KVCache(2, 4, 2, 8, 16, torch.device("cpu"), torch.float32)
+    cache.static = True
+    block = cache.block(1, 3)
+    block.keys[1][0, 1, 5, 0] = 7.0
+    block.next_slot[1] = 9
+    assert cache.keys[1][1, 1, 5, 0] == 7.0 and cache.next_slot[2] == 9
+    assert block.batch == 2 and block.capacity == 16 and not block.static and cache.static
+    block.reset()
+    block.append(torch.ones(2, 5, dtype=torch.bool))
+    cache.took_block(block)
+    assert cache.length == 5 and cache.valid[1:3, :5].all() and not cache.valid[[0, 3]].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_load_rows_puts_each_prompt_in_its_row(dtype):
+    """Copied as 8-byte words or element by element, each prefilled row lands whole in its row, nothing else."""
+    cache = KVCache(2, 5, 3, 8, 16, torch.device("cpu"), dtype)
+    other = KVCache(2, 2, 3, 8, 8, torch.device("cpu"), dtype)
+    for t in other.keys + other.values:
+        t.copy_(torch.randn(t.shape))
+    other.append(torch.tensor([[True] * 6, [False, True, True, True, True, True]]))
+    rows = torch.tensor([4, 1])
+    cache.load_rows(rows, other)
+    for mine, theirs in zip(cache.keys + cache.values, other.keys + other.values, strict=True):
+        assert torch.equal(mine[rows, :, :6], theirs[:, :, :6])
+        assert not mine[[0, 2, 3]].any() and not mine[:, :, 6:].any()
+    assert cache.valid[1].tolist()[:6] == [False] + [True] * 5 and cache.next_slot[[4, 1]].tolist() == [6, 6]

@@ -249,14 +249,20 @@ class _Rows:
             ids, mask, valid = left_align(valid, ids, mask, valid)
         # Checked here, on the host: the model would read the mask back from the device to check it
         one_image = bool((mask.sum(1) == embeds.shape[1]).all())
-        scratch = self.scratch.head(len(prompts))
-        scratch.reset()
-        logits = self.model.prefill(_to(ids, device), scratch, attention_mask=_to(valid, device),
+        # Rows side by side (every row of a static batch, and of each refill of a run whose answers end together)
+        # take their prompts straight into the cache; others prefill apart and are copied in.
+        block = rows == list(range(rows[0], rows[0] + len(rows)))
+        target = self.cache.block(rows[0], rows[0] + len(rows)) if block else self.scratch.head(len(prompts))
+        target.reset()
+        logits = self.model.prefill(_to(ids, device), target, attention_mask=_to(valid, device),
                                     image_embeds=embeds, image_embeds_position_mask=_to(mask, device),
                                     unpadded=unpadded, image_start=image_start, one_image_per_row=one_image)
         mark("rows: first prefill launched")
         index = _to(torch.tensor(rows), device)
-        self.cache.load_rows(index, scratch)
+        if block:
+            self.cache.took_block(target)
+        else:
+            self.cache.load_rows(index, target)
         extra = max((len(p.stops) for p in prompts), default=0)
         if extra > self.own_stops.shape[1]:
             wider = torch.full((self.rows, extra), NO_TOKEN, dtype=torch.long, device=device)
