@@ -13,12 +13,20 @@ sys.path.insert(0, str(ROOT / "tests"))  # oracle.py: the released tokenizer and
 
 
 def run_cli(command: list[str]) -> int | str | None:
-    """`kosmos2 COMMAND...` in this process, as a user runs it (a leading `--` dropped): its exit code."""
+    """`kosmos2 COMMAND...` in this process, as a user runs it (a leading `--` dropped): its exit code. A command
+    that names a Python file runs that script instead (e.g. `serve.py --only ours`, found beside this file)."""
     import runpy
 
-    sys.argv = ["kosmos2", *(command[1:] if command[:1] == ["--"] else command)]
+    command = command[1:] if command[:1] == ["--"] else command
+    script = Path(command[0]) if command and command[0].endswith(".py") else None
+    if script is not None and not script.exists():
+        script = Path(__file__).parent / script.name
+    sys.argv = [str(script), *command[1:]] if script else ["kosmos2", *command]
     try:
-        runpy.run_module("kosmos2_cli", run_name="__main__")
+        if script:
+            runpy.run_path(str(script), run_name="__main__")
+        else:
+            runpy.run_module("kosmos2_cli", run_name="__main__")
     except SystemExit as exit_:
         return exit_.code
     return 0

@@ -1,6 +1,7 @@
 """Where the model's thread spends its time during `kosmos2 batch`, and what it was doing when the GPU starved.
 
 `PYTHONPATH=<tree>/src python benchmarks/host_timing.py --json OUT -- batch DIR -o X --model W ...`
+`... host_timing.py --json OUT -- serve.py --only ours --levels 256`: the service's model thread under load.
 
 The command runs in this process as it does for a user, with timers around the row scheduler's phases (refill,
 step, reading flags, harvest, handing answers out), the staging of pixels, the pace of the writer and the image
@@ -31,17 +32,19 @@ LAST_STEP = [0.0]
 PROBE: list[float] = []
 STOP = threading.Event()
 STALL_S = 0.015  # a step interval longer than this is a stall (--stall-ms)
+MODEL_THREADS = {"kosmos2-model", "kosmos2-serve-model"}  # `kosmos2 batch`'s, the service's
 # Phases the model thread enters directly from the loop (nested ones are inside these)
 TOP_LEVEL = {"step", "read_flags", "free_capped", "drop_cancelled", "admit (all)", "answers handed out (consumer)"}
 
 
 def _count(label: str, took: float) -> None:
     thread = threading.current_thread().name
+    thread = thread.rsplit("_", 1)[0] if thread.startswith("ThreadPoolExecutor") else thread  # a pool as one
     entry = TOTALS[(thread, label)]
     entry[0] += 1
     entry[1] += took
     entry[2] = max(entry[2], took)
-    if thread == "kosmos2-model":
+    if thread in MODEL_THREADS:
         INTERVAL[label] += took
 
 
@@ -109,6 +112,11 @@ def install() -> None:
     timed(stager.Staged, "take", "staged.take")
     timed(runner.Pace, "ready", "pace.ready")
     timed(Kosmos2, "encode_pixels", "encode_pixels")
+    from kosmos2_cli.serve.scheduler import Scheduler  # the service's (no web stack needed)
+
+    timed(Scheduler, "_take", "serve: take (hold, encode)")
+    timed(Scheduler, "prepare", "serve: prepare an upload")
+    timed(Scheduler, "finish", "serve: record")
 
 
 def quantiles(values: list[float]) -> dict:

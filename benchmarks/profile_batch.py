@@ -2,6 +2,7 @@
 and where it waits, from any tree of this package (the command runs as it does for a user).
 
 `PYTHONPATH=<tree>/src python benchmarks/profile_batch.py --after 6 --seconds 2 --json OUT -- batch DIR -o X ...`
+(`-- serve.py --only ours --levels 256`: the service under load instead).
 
 After `--after` seconds the profiler (CUDA activity only: CUPTI sees every stream of the process, whichever
 thread launched) records `--seconds`; the kernels' intervals are then summarised: GPU busy share (their union
