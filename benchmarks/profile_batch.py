@@ -2,7 +2,9 @@
 and where it waits, from any tree of this package (the command runs as it does for a user).
 
 `PYTHONPATH=<tree>/src python benchmarks/profile_batch.py --after 6 --seconds 2 --json OUT -- batch DIR -o X ...`
-(`-- serve.py --only ours --levels 256`: the service under load instead).
+(`-- serve.py --only ours --levels 256`: the service under load instead). With a window that lasts to the end of
+the command (`--after 5 --seconds 600`), the records written meanwhile give the GPU time per record and per
+kernel: what one tree's scheduler spends beside another's.
 
 After `--after` seconds the profiler (CUDA activity only: CUPTI sees every stream of the process, whichever
 thread launched) records `--seconds`; the kernels' intervals are then summarised: GPU busy share (their union
@@ -16,26 +18,38 @@ import argparse
 import json
 import tempfile
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 from common import run_cli
 
+FINISHED = threading.Event()  # the command has returned: a window still open closes
 
-def profile_window(after: float, seconds: float, out: dict) -> None:
+
+def records(output: Path | None) -> int | None:
+    return output.read_bytes().count(b"\n") if output is not None and output.exists() else None
+
+
+def profile_window(after: float, seconds: float, out: dict, output: Path | None) -> None:
+    """Record the GPU from `after` s for `seconds` (or until the command ends); with the command's output file,
+    also how many records it gained meanwhile, so that GPU time can be told per image."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    time.sleep(after)
+    if FINISHED.wait(after):
+        return
     trace = Path(tempfile.mkdtemp()) / "trace.json"
     prof = profile(activities=[ProfilerActivity.CUDA], acc_events=True)
     prof.start()
-    time.sleep(seconds)
+    first = records(output)
+    FINISHED.wait(seconds)
     torch.cuda.synchronize()
+    last = records(output)
     prof.stop()
     prof.export_chrome_trace(str(trace))
     out.update(summarise(json.loads(trace.read_text())))
+    if first is not None and last is not None:
+        out["records_in_window"] = last - first
 
 
 GPU_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # the trace's categories of work on the device
@@ -71,7 +85,7 @@ def summarise(trace: dict) -> dict:
         "decode_attention_launches": attention,
         "gaps_over_20us": sum(1 for g, _, _ in gaps if g > 20), "gap_ms": round(gap_total / 1e3, 2),
         "longest_gaps_us": [(round(g, 1), a[:50], b[:50]) for g, a, b in gaps[:25]],
-        "kernel_ms_by_name": {k: round(v / 1e3, 2) for k, v in by_name.most_common(25)},
+        "kernel_ms_by_name": {k: round(v / 1e3, 2) for k, v in by_name.most_common(40)},
     }
 
 
@@ -84,15 +98,21 @@ def main() -> None:
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     out: dict = {}
-    watcher = threading.Thread(target=profile_window, args=(args.after, args.seconds, out), daemon=True)
+    output = Path(args.command[args.command.index("-o") + 1]) if "-o" in args.command[:-1] else None
+    watcher = threading.Thread(target=profile_window, args=(args.after, args.seconds, out, output), daemon=True)
     watcher.start()
     out["exit"] = run_cli(args.command)
-    watcher.join(timeout=args.seconds + 30)
+    FINISHED.set()
+    watcher.join(timeout=120)
     if out.get("decode_attention_launches"):
         steps = out["decode_attention_launches"] / args.layers
         out["decode_steps"] = round(steps, 1)
         out["gpu_busy_ms_per_step"] = round(out["window_ms"] * out["busy_share"] / steps, 3)
         out["window_ms_per_step"] = round(out["window_ms"] / steps, 3)
+    if out.get("records_in_window") and "busy_share" in out:  # a window to the end: GPU work per record
+        images = out["records_in_window"]
+        out["gpu_busy_ms_per_record"] = round(out["window_ms"] * out["busy_share"] / images, 4)
+        out["kernel_us_per_record"] = {k: round(v * 1e3 / images, 1) for k, v in out["kernel_ms_by_name"].items()}
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
