@@ -116,8 +116,8 @@ SHARED: dict[str, inspect.Parameter] = {p.name: p for p in [
         "--debug", envvar="KOSMOS2_DEBUG", rich_help_panel=OUTPUT, help="Show tracebacks of unexpected errors.")]),
     _option("batch_size", 0, Annotated[int, typer.Option(
         "--batch-size", "-b", metavar="N", min=0, rich_help_panel=PERFORMANCE,
-        help="Images per model call (0: 64 on a GPU, 8 on a CPU; halved automatically when the device runs out "
-             "of memory).")]),
+        help="Images in flight (0: on a GPU the largest of 8-256 that fits its free memory, 8 on a CPU; halved "
+             "automatically when the device runs out of memory).")]),
     _option("workers", 0, Annotated[int, typer.Option(
         "--workers", metavar="N", min=0, rich_help_panel=PERFORMANCE,
         help="Threads decoding images ahead of the model (0: automatic).")]),
