@@ -122,8 +122,7 @@ class _Rows:
         # share one cache budget, two shapes at most, rather than each keeping its own.
         self.decoder = Decoder.for_model(model, rows, longest_prompt + max_new_tokens, device)
         self.cache = self.decoder.cache
-        width = -(-longest_prompt // WINDOW) * WINDOW
-        self.scratch = KVCache.for_model(model.config.text_config, rows, width, device, model.cache_dtype)
+        self._scratch: KVCache | None = None  # where refills of scattered rows prefill (made when first needed)
         self.stops = _to(torch.tensor(sorted(set(stops)), dtype=torch.long), device)
         self.own_stops = torch.full((rows, OWN_STOPS), NO_TOKEN, dtype=torch.long, device=device)  # each row's
         self.tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
@@ -138,6 +137,16 @@ class _Rows:
         self.graph: Graphed | None = None  # the greedy step as one CUDA graph (built on the first step)
         self.ring: list[Tensor] = []
         self.busy = False
+
+    @property
+    def scratch(self) -> KVCache:
+        """A cache as wide as the longest prompt, for refills of rows that are not side by side (they prefill
+        apart, then are copied in). It takes GBs at 256 rows, so it is made when the first such refill comes."""
+        if self._scratch is None:
+            width = -(-self.longest // WINDOW) * WINDOW
+            self._scratch = KVCache.for_model(self.model.config.text_config, self.rows, width, self.tokens.device,
+                                              self.model.cache_dtype)
+        return self._scratch
 
     @classmethod
     def for_model(cls, model, rows: int, longest_prompt: int, max_new_tokens: int, stops: Sequence[int],
