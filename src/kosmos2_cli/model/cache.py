@@ -122,9 +122,9 @@ class KVCache:
         return self.block(0, rows)
 
     def block(self, start: int, stop: int) -> KVCache:
-        """A cache over rows `start` to `stop` of this one (the same memory), empty and not `static`: prompts
-        prefill straight into a block of free rows, with no copy afterwards. The caller updates this cache's
-        `length` and `appended` after (`took_block`)."""
+        """A cache over rows `start` to `stop` of this one (the same memory), not `static`: after its `reset`,
+        prompts prefill straight into a block of free rows, with no copy afterwards. The caller then updates this
+        cache's `length` and `appended` (`took_block`)."""
         view = KVCache.__new__(KVCache)
         view.__dict__.update(self.__dict__)
         view.keys = [k[start:stop] for k in self.keys]
