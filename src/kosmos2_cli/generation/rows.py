@@ -3,10 +3,11 @@
 Every answer the pipeline makes with one beam goes through here: a batch of images (static batches are the case
 where rows refill only once all are free), a folder streamed through `kosmos2 batch`, and requests arriving at
 `kosmos2 serve`. Real answers end at different lengths; a static batch steps until its longest answer is done,
-while here the slots of finished rows in the key/value cache are refilled with new prompts (prefilled apart,
-then copied in), so each decode step carries up to `rows` answers. A row attends only over its own slots and its
-positions count its own tokens, so each answer is what its prompt gets alone. Each prompt brings its own cap,
-its own stop tokens (`ground` stops at `</object>`) and, if it likes, its own way of choosing tokens.
+while here the slots of finished rows in the key/value cache are refilled with new prompts (prefilled in place when
+the rows are side by side, else apart and then copied in), so each decode step carries up to `rows` answers. A row
+attends only over its own slots and its positions count its own tokens, so each answer is what its prompt gets
+alone. Each prompt brings its own cap, its own stop tokens (`ground` stops at `</object>`) and, if it likes, its
+own way of choosing tokens.
 
 On CUDA the host learns which rows ended from flags copied back behind each step. It reads each step's flags as
 soon as they have arrived and waits for them only `lookahead` steps back: the GPU keeps up to ROWS_LOOKAHEAD_CUDA
