@@ -526,13 +526,14 @@ def test_cache_block_is_rows_of_the_cache():
     assert block.batch == 2 and block.capacity == 16 and not block.static and cache.static
     block.reset()
     block.append(torch.ones(2, 5, dtype=torch.bool))
-    cache.took_block(block)
+    cache.reach(block)
     assert cache.length == 5 and cache.valid[1:3, :5].all() and not cache.valid[[0, 3]].any()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_load_rows_puts_each_prompt_in_its_row(dtype):
-    """Copied as 8-byte words or element by element, each prefilled row lands whole in its row, nothing else."""
+    """Copied as 8-byte words (bf16) or element by element (float64 already is one), each prefilled row lands
+    whole in its row, nothing else."""
     cache = KVCache(2, 5, 3, 8, 16, torch.device("cpu"), dtype)
     other = KVCache(2, 2, 3, 8, 8, torch.device("cpu"), dtype)
     for t in other.keys + other.values:

@@ -275,7 +275,7 @@ class _Rows:
         mark("rows: first prefill launched")
         index = _to(torch.tensor(rows), device)
         if block:
-            self.cache.took_block(target)
+            self.cache.reach(target)
         else:
             self.cache.load_rows(index, target)
         extra = max((len(p.stops) for p in prompts), default=0)

@@ -124,7 +124,7 @@ class KVCache:
     def block(self, start: int, stop: int) -> KVCache:
         """A cache over rows `start` to `stop` of this one (the same memory), not `static`: after its `reset`,
         prompts prefill straight into a block of free rows, with no copy afterwards. The caller then updates this
-        cache's `length` and `appended` (`took_block`)."""
+        cache's `length` and `appended` (`reach`)."""
         view = KVCache.__new__(KVCache)
         view.__dict__.update(self.__dict__)
         view.keys = [k[start:stop] for k in self.keys]
@@ -134,44 +134,39 @@ class KVCache:
         view.static, view.window = False, view.capacity
         return view
 
-    def took_block(self, block: KVCache) -> None:
-        """`block` (from `block`) now holds prompts: attention must reach as far as they go."""
-        self.length = max(self.length, block.length)
-        self.appended = max(self.appended, block.appended)
+    def reach(self, prompts: KVCache) -> None:
+        """`prompts` (prefilled) are now in this cache's rows: attention must reach as far as they go."""
+        self.length = max(self.length, prompts.length)
+        self.appended = max(self.appended, prompts.appended)
 
     def load_rows(self, rows: Tensor, other: KVCache) -> None:
         """Put `other`'s rows (freshly prefilled prompts) into rows `rows` of this cache."""
         width = other.length
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
             for a, b in zip(mine, theirs, strict=True):
-                # As 8-byte words: the indexed copy moves one element per thread, a quarter of the work in bf16
-                # (the copy of a refill of 256 rows was ~2.5% of the GPU's time in a `kosmos2 batch`).
-                a, b = _words(a), _words(b)
+                a, b = _words(a, b)
                 a[rows, :, :width] = b[:, :, :width]
         self.valid.index_fill_(0, rows, False)  # `[rows] = False` would copy the scalar over, waiting
         self.valid[rows, :width] = other.valid[:, :width]
         self.real_tokens[rows] = other.real_tokens
         self.next_slot[rows] = other.next_slot
-        self.length = max(self.length, width)
-        self.appended = max(self.appended, other.appended)
+        self.reach(other)
 
 
-def _words(t: Tensor) -> Tensor:
-    """`t` (rows, heads, slots, head_dim) seen as 8-byte words along its last dimension, where it can be."""
-    ratio = 8 // t.element_size()
-    if ratio > 1 and t.stride(-1) == 1 and t.shape[-1] % ratio == 0 and t.storage_offset() % ratio == 0 \
-            and all(s % ratio == 0 for s in t.stride()[:-1]):
-        return t.view(torch.int64)
-    return t
+def _words(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Same-dtype `tensors` (..., head_dim) seen as 8-byte words along their last dimension, where all of them can
+    be (else as they are): a copy between strided views then moves a quarter of the elements in bf16, where the
+    element-wise one moves 2 bytes per thread (~half the bandwidth on a large prefill, and ~2.5% of the GPU's time in
+    `kosmos2 batch` when refills were copied into the rows)."""
+    ratio = 8 // tensors[0].element_size()
+    if ratio > 1 and len({t.dtype for t in tensors}) == 1 and all(
+            t.stride(-1) == 1 and t.shape[-1] % ratio == 0 and t.storage_offset() % ratio == 0
+            and all(s % ratio == 0 for s in t.stride()[:-1]) for t in tensors):
+        return tuple(t.view(torch.int64) for t in tensors)
+    return tensors
 
 
 def _copy(dst: Tensor, src: Tensor) -> None:
-    """dst[...] = src; same-dtype head rows are copied as 8-byte words (the element-wise copy of a strided view
-    moves 2-byte elements one by one: ~half the bandwidth, measured on a large prefill)."""
-    if src.dtype == dst.dtype and src.element_size() < 8 and src.stride(-1) == dst.stride(-1) == 1:
-        ratio = 8 // src.element_size()
-        if src.shape[-1] % ratio == 0 and all(t.stride(i) % ratio == 0 and t.storage_offset() % ratio == 0
-                                              for t in (src, dst) for i in range(t.dim() - 1)):
-            dst.view(torch.int64).copy_(src.view(torch.int64))
-            return
+    """dst[...] = src, as 8-byte words where it can be (`_words`)."""
+    dst, src = _words(dst, src)
     dst.copy_(src)
