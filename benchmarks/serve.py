@@ -20,9 +20,11 @@ ours with EOS never matched, the reference with `min_new_tokens=max_new_tokens=6
   first served (processor, generate, decode, post-process): what a team's FastAPI wrapper around the seed's example
   does.
 
-Each level runs untimed warm-up requests first, then `max(16, 2 x clients)` timed requests for ours and
-`max(16, clients)` for the reference (its rate does not depend on the clients; its latency grows with them).
-Prints a table of requests/s and p50/p99 latency with the ratios; `--json OUT` writes it.
+Each level runs untimed warm-up requests first, then `max(16, 8 x clients)` timed requests for ours
+(`--per-client`) and `max(16, clients)` for the reference (its rate does not depend on the clients; its latency
+grows with them). Prints a table of requests/s (ours: also the steady rate, while every client is busy) and
+p50/p99 latency with the ratios; `--json OUT` writes it. Runs before 2026-12-08 timed 2 requests per client, so
+their rates at 256 clients counted two rounds: the first uploads arriving at once and the last answers draining.
 """
 
 from __future__ import annotations
@@ -68,8 +70,13 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def drive(call, clients: int, requests: int) -> dict:
-    """`requests` calls of `call()` from `clients` threads: requests/s and latency percentiles."""
+    """`requests` calls of `call()` from `clients` threads: requests/s and latency percentiles.
+
+    Two rates: over the whole run, and steady, between the `clients`-th and the `clients`-th last answer. Before
+    the first, the clients' first uploads all came at once; after the second, fewer clients are left than
+    started. Between them every client is waiting for an answer or sending its next request."""
     latencies: list[float] = []
+    ends: list[float] = []
     lock = threading.Lock()
     left = iter(range(requests))
 
@@ -81,16 +88,21 @@ def drive(call, clients: int, requests: int) -> dict:
             start = time.perf_counter()
             call()
             with lock:
-                latencies.append(time.perf_counter() - start)
+                ends.append(time.perf_counter())
+                latencies.append(ends[-1] - start)
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
     seconds = time.perf_counter() - start
+    ends.sort()
+    inside = requests - 2 * clients
+    steady = inside / (ends[requests - clients - 1] - ends[clients - 1]) if inside > 0 else None
     return {"clients": clients, "requests": requests, "seconds": round(seconds, 3),
-            "requests_per_s": round(requests / seconds, 2), "p50_s": round(statistics.median(latencies), 4),
-            "p99_s": round(percentile(latencies, 0.99), 4)}
+            "requests_per_s": round(requests / seconds, 2),
+            "steady_requests_per_s": None if steady is None else round(steady, 2),
+            "p50_s": round(statistics.median(latencies), 4), "p99_s": round(percentile(latencies, 0.99), 4)}
 
 
 # -- ours ---------------------------------------------------------------------------------------------------------
@@ -251,12 +263,13 @@ class Reference:
             self.server.shutdown()
 
 
-def measure(side, levels: list[int], ours: bool, warmup: int, result: dict, out: Path | None) -> None:
+def measure(side, levels: list[int], ours: bool, warmup: int, result: dict, out: Path | None,
+            per_client: int = 8) -> None:
     """Each level into `result` (written to `out` after each, so a run cut short keeps what it measured)."""
     rows = result.setdefault("ours" if ours else "reference", [])
     for clients in levels:
         drive(side.call, clients, max(warmup, clients) if ours else warmup)  # graphs captured, caches warm
-        rows.append(drive(side.call, clients, max(16, 2 * clients) if ours else max(16, clients)))
+        rows.append(drive(side.call, clients, max(16, per_client * clients) if ours else max(16, clients)))
         print(f"  {'ours' if ours else 'reference'} {clients:>4} clients: {rows[-1]}", flush=True)
         dump(out, result)
 
@@ -269,6 +282,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--rows", type=int, default=256, help="our server's rows")
     parser.add_argument("--levels", default="1,8,64,256", help="concurrent clients, comma-separated")
+    parser.add_argument("--per-client", type=int, default=8,
+                        help="our timed requests per client at each level (at least 16 in all)")
     parser.add_argument("--only", choices=["ours", "reference"], default=None)
     parser.add_argument("--http", action="store_true", help="over loopback HTTP (ours needs the serve extra)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, 1 and 8 clients")
@@ -296,10 +311,11 @@ def main() -> None:
     levels = [int(v) for v in args.levels.split(",")]
     warmup = 2 if args.smoke else 4
     result: dict = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                    "new_tokens": NEW_TOKENS, "rows": args.rows, "http": args.http, "levels": levels}
+                    "new_tokens": NEW_TOKENS, "rows": args.rows, "http": args.http, "levels": levels,
+                    "per_client": args.per_client}
     if args.only != "reference":
         ours = Ours(folder, args.device, args.rows, args.http)
-        measure(ours, levels, True, warmup, result, args.json)
+        measure(ours, levels, True, warmup, result, args.json, args.per_client)
         ours.close()
         del ours
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -312,16 +328,20 @@ def main() -> None:
 
 
 def table(result: dict) -> None:
+    """Ours: requests/s over the whole run and steady (see `drive`); the ratios use the whole run's."""
     ours, ref = result.get("ours"), result.get("reference")
     print(f"\n{result['device']}, {result['new_tokens']}-token captions, {result['rows']} rows, "
           f"{'HTTP' if result['http'] else 'in process'}")
-    print(f"{'clients':>7} | {'ours req/s':>10} {'p50 s':>7} {'p99 s':>7} | {'ref req/s':>9} {'p50 s':>7} "
-          f"{'p99 s':>7} | {'req/s x':>7} {'p50 x':>6}")
+    print(f"{'clients':>7} | {'ours req/s':>10} {'steady':>7} {'p50 s':>7} {'p99 s':>7} | {'ref req/s':>9} "
+          f"{'p50 s':>7} {'p99 s':>7} | {'req/s x':>7} {'p50 x':>6}")
     for i, clients in enumerate(result["levels"]):
         a = ours[i] if ours and i < len(ours) else None  # a run cut short has fewer levels
         b = ref[i] if ref and i < len(ref) else None
         cells = [f"{clients:>7}"]
-        cells.append(f"{a['requests_per_s']:>10.2f} {a['p50_s']:>7.3f} {a['p99_s']:>7.3f}" if a else f"{'':>26}")
+        steady = a.get("steady_requests_per_s") if a else None  # absent from files of earlier runs
+        steady_cell = f"{steady:>7.2f}" if steady is not None else f"{'-':>7}"
+        cells.append(f"{a['requests_per_s']:>10.2f} {steady_cell} {a['p50_s']:>7.3f} {a['p99_s']:>7.3f}" if a
+                     else f"{'':>34}")
         cells.append(f"{b['requests_per_s']:>9.2f} {b['p50_s']:>7.3f} {b['p99_s']:>7.3f}" if b else f"{'':>25}")
         cells.append(f"{a['requests_per_s'] / b['requests_per_s']:>7.1f} {b['p50_s'] / a['p50_s']:>6.1f}"
                      if a and b else "")

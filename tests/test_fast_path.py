@@ -92,20 +92,65 @@ def test_fast_path_batches_lessons_of_different_lengths(models, fixed_shape, tra
 
 @torch.no_grad()
 def test_image_encoder_graphs_give_the_eager_embeddings_at_large_batches(models):
-    """A batch size above the prompt's graph limit: the first call runs eagerly, the second captures, later ones
-    replay; each gives the eager encoder's embeddings for its own pixels (the replay reads the new input)."""
+    """A batch size above the prompt's graph limit, and not a power of two: the first call runs eagerly, the
+    second captures, later ones replay, all at the padded size; each gives the eager encoder's embeddings of its
+    own pixels padded with blank pictures, bit for bit (the replay reads the new input), and the unpadded
+    batch's within bf16's rounding."""
     _, fast = models
     if fast.device.type != "cuda":
         pytest.skip("image encoder graphs are captured on CUDA only")
     assert generation.GRAPHED_ENCODER_BATCH > generation.GRAPHED_PREFILL_BATCH
     rows = generation.GRAPHED_PREFILL_BATCH + 4
+    padded = generation.encoder_batch(rows)
+    assert padded == 32
     for seed in range(3):
         pixels = torch.randn(rows, 3, 224, 224, generator=torch.Generator().manual_seed(seed)).to("cuda")
-        want = fast.get_image_features(pixels.to(fast.dtype))
+        blank = torch.zeros(padded - rows, 3, 224, 224, device="cuda")
+        want = fast.get_image_features(torch.cat([pixels, blank]).to(fast.dtype))[:rows]
         got = generation.encode_images(fast, pixels).clone()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+        alone = fast.get_image_features(pixels.to(fast.dtype))
+        torch.testing.assert_close(got.float(), alone.float(), atol=2e-2, rtol=2e-2)
     graphs = fast.workspace.vision_graph.graphs  # by the input's (shape, dtype); None: the capture failed
-    assert graphs.get(((torch.Size([rows, 3, 224, 224]), fast.dtype),)) is not None, list(graphs)
+    assert graphs.get(((torch.Size([padded, 3, 224, 224]), fast.dtype),)) is not None, list(graphs)
+
+
+@torch.no_grad()
+def test_image_encoder_graphs_are_few_whatever_the_batch_sizes(models):
+    """`kosmos2 serve` encodes takes of every size: they share one graph per power of two, none is captured
+    twice, and each size's embeddings are its own images'."""
+    _, fast = models
+    if fast.device.type != "cuda":
+        pytest.skip("image encoder graphs are captured on CUDA only")
+    fast.workspace.vision_graph = None
+    captures = []
+    sizes = [3, 5, 6, 7, 3, 5, 6, 7, 9, 12, 3, 33, 40, 1, 2, 1]
+    for size in sizes:
+        pixels = torch.randn(size, 3, 224, 224, generator=torch.Generator().manual_seed(size)).to("cuda")
+        got = generation.encode_images(fast, pixels).clone()
+        assert got.shape[0] == size
+        graph = fast.workspace.vision_graph
+        captures.append(len(graph.graphs))
+        padded = generation.encoder_batch(size)
+        blank = torch.zeros(padded - size, 3, 224, 224, device="cuda")
+        want = fast.get_image_features(torch.cat([pixels, blank]).to(fast.dtype))[:size]
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert sorted(key[0][0][0] for key in graph.graphs) == [1, 4, 8, 16, 64]  # 2 came once: eagerly
+    assert captures == sorted(captures)  # never evicted: nothing captured twice
+
+
+def test_encoder_batches_are_powers_of_two_and_images_are_encoded_apart(trained_dir):
+    """The sizes the encoder's graphs run at, and why padding is sound: an image's embeddings do not depend on
+    the other pictures of its batch (blank ones added after it)."""
+    assert [generation.encoder_batch(n) for n in (1, 2, 3, 4, 5, 16, 17, 200, 256, 257, 1024)] == [
+        1, 2, 4, 4, 8, 16, 32, 256, 256, 512, 1024]
+    assert generation.encoder_batch(5000) == generation.GRAPHED_ENCODER_BATCH  # larger batches run eagerly
+    model = Kosmos2ForConditionalGeneration.from_pretrained(trained_dir)
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        alone = model.get_image_features(pixels)
+        padded = model.get_image_features(torch.cat([pixels, torch.zeros(5, 3, 224, 224)]))[:3]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
 
 
 def test_patch_embedding_as_a_product_equals_the_convolution(trained_dir):
@@ -144,6 +189,40 @@ def test_small_batches_on_cuda_attend_with_flash_attention(models, monkeypatch):
     fast(**inputs)  # a plain forward pass (generate may replay captured graphs, which call no Python)
     assert picked and any(picked) == (fast.device.type == "cuda")
     assert _answers(fast, [lesson]) == [trained.expected(lesson).ids]
+
+
+@torch.no_grad()
+def test_causal_prompts_of_any_batch_attend_with_flash_attention(models, monkeypatch):
+    """A prompt of 20 rows without padding (a service's refill: a new batch size, a new shape) attends with
+    FlashAttention on CUDA, while the image encoder at that batch keeps PyTorch's choice; each row's logits are
+    those of its prompt alone (within bf16 rounding) and choose the same token."""
+    import kosmos2_cli.model.layers as layers
+    from kosmos2_cli.model.cache import KVCache
+
+    _, fast = models
+    if fast.device.type != "cuda":
+        pytest.skip("FlashAttention is called on CUDA only")
+    picked = []
+    original = layers._flash_fits
+
+    def spy(q, k, mask, dropout):
+        picked.append((q.shape[0], mask is layers.CAUSAL, original(q, k, mask, dropout)))
+        return picked[-1][2]
+
+    monkeypatch.setattr(layers, "_flash_fits", spy)
+    inputs = {k: v.to(fast.device) for k, v in trained.prompt_inputs(trained.LESSONS[0]).items()}
+    logits = []
+    for rows in (1, 20):
+        embeds = fast.get_image_features(inputs["pixel_values"].to(fast.dtype).expand(rows, -1, -1, -1))
+        ids = inputs["input_ids"].expand(rows, -1)
+        cache = KVCache.for_model(fast.config.text_config, rows, ids.shape[1], fast.device, fast.cache_dtype)
+        logits.append(fast.prefill(ids, cache, attention_mask=inputs["attention_mask"].expand(rows, -1),
+                                   image_embeds=embeds,
+                                   image_embeds_position_mask=inputs["image_embeds_position_mask"].expand(rows, -1),
+                                   unpadded=True))
+    assert {(causal, flash) for batch, causal, flash in picked if batch == 20} == {(True, True), (False, False)}
+    torch.testing.assert_close(logits[1].float(), logits[0].float().expand(20, -1), atol=5e-2, rtol=5e-2)
+    assert (logits[1].argmax(-1) == logits[0].argmax(-1)).all()
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ GRAPHED_PREFILL_BATCH = 16  # up to this batch the prompt is bound by kernel lau
 # the runner's thread finishes the previous batch, and each launch waiting for Python's lock left an H100 idle
 # ~25 ms of a 256-image encoder's ~90.
 GRAPHED_ENCODER_BATCH = 1024
+ENCODER_GRAPHS = GRAPHED_ENCODER_BATCH.bit_length()  # one per power of two up to it
 # On CUDA the host learns whether every row is done from a flag copied back without waiting; it waits only when
 # it runs this many steps ahead of the GPU. So the GPU always has queued steps, and at most this many are extra.
 LOOKAHEAD_CUDA = 3
@@ -110,14 +111,27 @@ class Decoder:
         self.cache.reorder(rows)
 
 
+def encoder_batch(images: int) -> int:
+    """The batch the image encoder's graph runs for `images`: the next power of two, at most
+    GRAPHED_ENCODER_BATCH. `kosmos2 serve` encodes takes of any size; a graph for each size meant a capture (a
+    device-wide wait, the caches emptied) whenever a size came back after four others, so sizes share
+    ENCODER_GRAPHS graphs and pad the rest with blank pictures (each image is encoded apart from the others)."""
+    return min(1 << max(0, images - 1).bit_length(), GRAPHED_ENCODER_BATCH)
+
+
 def encode_images(model, pixel_values: Tensor, interpolate_pos_encoding: bool = False) -> Tensor:
-    """Image embeddings; on CUDA a batch size seen before replays a graph (its output is overwritten by the next
-    call)."""
-    if pixel_values.is_cuda and pixel_values.shape[0] <= GRAPHED_ENCODER_BATCH and not interpolate_pos_encoding:
+    """Image embeddings; on CUDA the batch replays a graph of `encoder_batch`'s size (its output is overwritten by
+    the next call)."""
+    images = pixel_values.shape[0]
+    if pixel_values.is_cuda and images <= GRAPHED_ENCODER_BATCH and not interpolate_pos_encoding:
         space = model.workspace
         if space.vision_graph is None:
-            space.vision_graph = Graphed(model.get_image_features, max_graphs=4, capture_after=1)
-        return space.vision_graph(pixel_values.to(model.dtype))
+            space.vision_graph = Graphed(model.get_image_features, max_graphs=ENCODER_GRAPHS, capture_after=1)
+        pixels = pixel_values.to(model.dtype)
+        padded = encoder_batch(images)
+        if padded != images:
+            pixels = torch.cat([pixels, pixels.new_zeros(padded - images, *pixels.shape[1:])])
+        return space.vision_graph(pixels)[:images]
     return model.get_image_features(pixel_values, interpolate_pos_encoding)
 
 

@@ -61,13 +61,15 @@ class LayerNorm(nn.LayerNorm):
 CAUSAL = object()
 
 
-# Up to this batch, attention without a padding mask on CUDA runs FlashAttention itself (see `attend`).
+# Up to this batch, attention without a padding mask on CUDA runs FlashAttention itself (see `attend`); causal
+# prompts do at any batch.
 FLASH_MAX_BATCH = 16
 _FLASH_DEVICES: dict[int, bool] = {}
 
 
 def _flash_fits(q: Tensor, k: Tensor, mask: Tensor | None, dropout: float) -> bool:
-    if not (q.is_cuda and q.shape[0] <= FLASH_MAX_BATCH and (mask is None or mask is CAUSAL) and dropout == 0.0
+    causal = mask is CAUSAL
+    if not (q.is_cuda and (q.shape[0] <= FLASH_MAX_BATCH or causal) and (mask is None or causal) and dropout == 0.0
             and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256 and not q.requires_grad and torch.version.hip is None):
         return False
@@ -83,7 +85,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | object | None, dropou
     On Hopper PyTorch picks cuDNN's attention, which builds an execution plan for each shape on each thread: the
     first calls of a new process took 0.07-1 s apiece on an H100 (and again on each new thread), where
     FlashAttention starts in 0.03 s. Small batches (a caption, a few prompts: start-up dominates) therefore call
-    FlashAttention directly; larger ones keep PyTorch's choice, ~5% faster there.
+    FlashAttention directly, and so do causal prompts of any batch: a service prefills refills of every size, each
+    a new shape to plan while the rows in flight wait (FlashAttention costs 6.3 ms where cuDNN takes 4.4 for 256
+    prompts). Larger image batches, padded to a few sizes by the encoder's graphs, keep PyTorch's choice: cuDNN
+    takes 11.8 ms where FlashAttention takes 16.7 for 256 images.
     """
     causal = mask is CAUSAL
     if _flash_fits(q, k, mask, dropout):
