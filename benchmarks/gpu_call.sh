@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call's measurements (each part fits the 10-minute limit); .bench from prepare_gpu_call.sh:
+#
+#   bash benchmarks/gpu_call.sh ab      # ~7 min: rows_ab.sh, this tree beside .bench/static (kosmos2 batch
+#                                       # start-up and steady rate, whole-run GPU time per record, serve 1/256)
+#   bash benchmarks/gpu_call.sh serve   # ~6 min: the CUDA tests, then serve.py at 1/8/64/256 clients for this
+#                                       # tree and at 256 for .bench/before, then serve under host_timing
+#
+# Everything lands in $OUT (at most 8 files come back from a device call: the logs are gathered into a few).
+set -u
+OUT=${OUT:-$PWD/gpu-call}
+mkdir -p "$OUT"
+export KOSMOS2_SHARED=$PWD/.bench/shared KOSMOS2_TRAINED_DIR=$PWD/.bench/trained
+export PYTHONPYCACHEPREFIX=/tmp/kosmos2-pycache
+W=/tmp/kosmos2-full
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device.txt" 2>&1
+git log --oneline -1 >> "$OUT/device.txt" 2>/dev/null || true
+case "${1:-}" in
+  ab)
+    OUT=/tmp/ab OLD=$PWD/.bench/static/src timeout 540 bash benchmarks/rows_ab.sh > /tmp/ab.log 2>&1
+    cp /tmp/ab/summary.txt "$OUT/" 2>/dev/null
+    for f in profile-new.json profile-old.json serve-new.json; do cp "/tmp/ab/$f" "$OUT/" 2>/dev/null; done
+    cat /tmp/ab/startup-*.log > "$OUT/startup.txt" 2>/dev/null
+    tail -40 /tmp/ab.log >> "$OUT/startup.txt"
+    ;;
+  serve)
+    PYTHONPATH=$PWD/src timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_fast_path.py \
+      tests/test_no_sync.py tests/test_rows.py tests/test_head_widths.py tests/test_staging.py > "$OUT/tests.txt" 2>&1
+    (cd benchmarks && PYTHONPATH=$PWD/../src python -c \
+      "from pathlib import Path; import common; common.full_size_checkpoint(Path('$W'))") > "$OUT/serve.txt" 2>&1
+    PYTHONPATH=$PWD/src timeout 150 python benchmarks/serve.py --weights "$W" --only ours \
+      --json "$OUT/serve-new.json" >> "$OUT/serve.txt" 2>&1
+    PYTHONPATH=$PWD/.bench/before/src timeout 90 python benchmarks/serve.py --weights "$W" --only ours \
+      --levels 256 --json "$OUT/serve-before.json" >> "$OUT/serve.txt" 2>&1
+    PYTHONPATH=$PWD/src timeout 100 python benchmarks/host_timing.py -- serve.py --weights "$W" --only ours \
+      --levels 256 > "$OUT/host-timing.txt" 2>&1
+    ;;
+  *)
+    echo "usage: bash benchmarks/gpu_call.sh ab|serve" >&2
+    exit 2
+    ;;
+esac
+ls -la "$OUT"
