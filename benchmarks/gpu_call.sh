@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call's measurements (each part fits the 10-minute limit); .bench from prepare_gpu_call.sh:
 #
-#   bash benchmarks/gpu_call.sh ab      # ~7 min: rows_ab.sh, this tree beside .bench/static (kosmos2 batch
-#                                       # start-up and steady rate, whole-run GPU time per record, serve 1/256)
+#   bash benchmarks/gpu_call.sh ab      # ~5 min: rows_ab.sh without serve, this tree beside .bench/static
+#                                       # (kosmos2 batch start-up, steady rate, whole-run GPU time per record)
 #   bash benchmarks/gpu_call.sh serve   # ~6 min: the CUDA tests, then serve.py at 1/8/64/256 clients for this
 #                                       # tree and at 256 for .bench/before, then serve under host_timing
 #
@@ -18,14 +18,15 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 git log --oneline -1 >> "$OUT/device.txt" 2>/dev/null || true
 case "${1:-}" in
   ab)
-    OUT=/tmp/ab OLD=$PWD/.bench/static/src timeout 540 bash benchmarks/rows_ab.sh > /tmp/ab.log 2>&1
+    OUT=/tmp/ab OLD=$PWD/.bench/static/src SERVE=0 timeout 540 bash benchmarks/rows_ab.sh > /tmp/ab.log 2>&1
+    OUT=/tmp/ab OLD=- SUMMARY_ONLY=1 bash benchmarks/rows_ab.sh > /dev/null 2>&1  # also after a run cut short
     cp /tmp/ab/summary.txt "$OUT/" 2>/dev/null
-    for f in profile-new.json profile-old.json serve-new.json; do cp "/tmp/ab/$f" "$OUT/" 2>/dev/null; done
+    for f in profile-new.json profile-old.json; do cp "/tmp/ab/$f" "$OUT/" 2>/dev/null; done
     cat /tmp/ab/startup-*.log > "$OUT/startup.txt" 2>/dev/null
     tail -40 /tmp/ab.log >> "$OUT/startup.txt"
     ;;
   serve)
-    PYTHONPATH=$PWD/src timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_fast_path.py \
+    PYTHONPATH=$PWD/src timeout 150 python -m pytest -q -p no:cacheprovider tests/test_fast_path.py \
       tests/test_no_sync.py tests/test_rows.py tests/test_head_widths.py tests/test_staging.py > "$OUT/tests.txt" 2>&1
     (cd benchmarks && PYTHONPATH=$PWD/../src python -c \
       "from pathlib import Path; import common; common.full_size_checkpoint(Path('$W'))") > "$OUT/serve.txt" 2>&1
@@ -33,7 +34,7 @@ case "${1:-}" in
       --json "$OUT/serve-new.json" >> "$OUT/serve.txt" 2>&1
     PYTHONPATH=$PWD/.bench/before/src timeout 90 python benchmarks/serve.py --weights "$W" --only ours \
       --levels 256 --json "$OUT/serve-before.json" >> "$OUT/serve.txt" 2>&1
-    PYTHONPATH=$PWD/src timeout 100 python benchmarks/host_timing.py -- serve.py --weights "$W" --only ours \
+    PYTHONPATH=$PWD/src timeout 80 python benchmarks/host_timing.py -- serve.py --weights "$W" --only ours \
       --levels 256 > "$OUT/host-timing.txt" 2>&1
     ;;
   *)

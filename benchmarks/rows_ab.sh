@@ -6,12 +6,14 @@
 # For each tree: `kosmos2 batch` start-up over 4,000 JPEGs (startup.py --batch: fresh Triton cache, then warm), the
 # GPU's timeline of the same batch from 5 s in to its end (profile_batch.py: busy share, idle gaps, GPU time per
 # record and per kernel), then `kosmos2 serve` in process at 1 and 256 clients (serve.py --only ours). Full-size
-# random weights, built once under /tmp. `$OUT/summary.txt` holds the figures to compare.
+# random weights, built once under /tmp. `$OUT/summary.txt` holds the figures to compare. SERVE=0 leaves serve out;
+# SUMMARY_ONLY=1 only writes the summary of what $OUT holds (after a run that was cut short).
 set -u
 OUT=${OUT:-$PWD/rows-ab}
 OLD=${OLD:?"OLD: the other tree's src folder"}
 W=${WEIGHTS:-/tmp/kosmos2-full}
 mkdir -p "$OUT"
+if [ "${SUMMARY_ONLY:-0}" != 1 ]; then
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/kosmos2-pycache}
 (cd benchmarks && PYTHONPATH=$PWD/../src python -c \
@@ -23,9 +25,12 @@ for tree in new old; do
   PYTHONPATH=$src timeout 150 python benchmarks/profile_batch.py --after 5 --seconds 600 --json "$OUT/profile-$tree.json" \
     -- batch "$(dirname "$W")/kosmos2-e2e-4000" -o "/tmp/rows-ab-$tree.jsonl" --model "$W" --max-new-tokens 64 --json \
     --quiet > "$OUT/profile-$tree.log" 2>&1
-  PYTHONPATH=$src timeout 120 python benchmarks/serve.py --weights "$W" --only ours --levels 1,256 \
-    --json "$OUT/serve-$tree.json" > "$OUT/serve-$tree.log" 2>&1
+  if [ "${SERVE:-1}" != 0 ]; then
+    PYTHONPATH=$src timeout 120 python benchmarks/serve.py --weights "$W" --only ours --levels 1,256 \
+      --json "$OUT/serve-$tree.json" > "$OUT/serve-$tree.log" 2>&1
+  fi
 done
+fi
 python - "$OUT" > "$OUT/summary.txt" <<'PY'
 import json, sys
 from pathlib import Path
