@@ -219,14 +219,13 @@ def test_causal_prompts_of_any_batch_attend_with_flash_attention(models, monkeyp
     inputs = {k: v.to(fast.device) for k, v in trained.prompt_inputs(trained.LESSONS[0]).items()}
     logits = []
     for rows in (1, 20):
-        embeds = fast.get_image_features(inputs["pixel_values"].to(fast.dtype).expand(rows, -1, -1, -1))
-        ids = inputs["input_ids"].expand(rows, -1)
+        batch = {name: value.repeat(rows, *[1] * (value.dim() - 1)) for name, value in inputs.items()}
+        embeds = fast.get_image_features(batch["pixel_values"].to(fast.dtype))
+        ids = batch["input_ids"]
         cache = KVCache.for_model(fast.config.text_config, rows, ids.shape[1], fast.device, fast.cache_dtype)
-        logits.append(fast.prefill(ids, cache, attention_mask=inputs["attention_mask"].expand(rows, -1),
-                                   image_embeds=embeds,
-                                   image_embeds_position_mask=inputs["image_embeds_position_mask"].expand(rows, -1),
-                                   unpadded=True))
-    assert {(causal, flash) for batch, causal, flash in picked if batch == 20} == {(True, True), (False, False)}
+        logits.append(fast.prefill(ids, cache, attention_mask=batch["attention_mask"], image_embeds=embeds,
+                                   image_embeds_position_mask=batch["image_embeds_position_mask"], unpadded=True))
+    assert {(causal, flash) for size, causal, flash in picked if size == 20} == {(True, True), (False, False)}
     torch.testing.assert_close(logits[1].float(), logits[0].float().expand(20, -1), atol=5e-2, rtol=5e-2)
     assert (logits[1].argmax(-1) == logits[0].argmax(-1)).all()
 

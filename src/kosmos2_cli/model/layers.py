@@ -69,6 +69,8 @@ _FLASH_DEVICES: dict[int, bool] = {}
 
 def _flash_fits(q: Tensor, k: Tensor, mask: Tensor | None, dropout: float) -> bool:
     causal = mask is CAUSAL
+    if causal and q.shape[-2] != k.shape[-2]:
+        return False  # FlashAttention aligns a causal mask to the last key; SDPA's CAUSAL means the first
     if not (q.is_cuda and (q.shape[0] <= FLASH_MAX_BATCH or causal) and (mask is None or causal) and dropout == 0.0
             and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and q.shape[-1] % 8 == 0
             and q.shape[-1] <= 256 and not q.requires_grad and torch.version.hip is None):
