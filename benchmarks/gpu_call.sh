@@ -15,7 +15,8 @@ export PYTHONPYCACHEPREFIX=/tmp/kosmos2-pycache
 W=/tmp/kosmos2-full
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/device.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/device.txt" 2>&1
-git log --oneline -1 >> "$OUT/device.txt" 2>/dev/null || true
+cat .bench/HEAD >> "$OUT/device.txt" 2>/dev/null  # this tree, when prepared
+echo "static $(cat .bench/static/COMMIT 2>/dev/null), before $(cat .bench/before/COMMIT 2>/dev/null)" >> "$OUT/device.txt"
 case "${1:-}" in
   ab)
     OUT=/tmp/ab OLD=$PWD/.bench/static/src SERVE=0 timeout 540 bash benchmarks/rows_ab.sh > /tmp/ab.log 2>&1

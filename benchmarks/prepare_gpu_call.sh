@@ -23,4 +23,5 @@ git archive "$STATIC" src | tar -x -C .bench/static
 git archive "$BEFORE" src | tar -x -C .bench/before
 git rev-parse --short "$STATIC" > .bench/static/COMMIT
 git rev-parse --short "$BEFORE" > .bench/before/COMMIT
+git log --oneline -1 > .bench/HEAD  # the device's copy of the tree has no .git
 du -sh .bench
