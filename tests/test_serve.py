@@ -404,6 +404,30 @@ def test_requests_are_gathered_into_refills_of_a_quarter_of_the_rows():
     assert scheduler._holding() == 0.0  # small rows: any request is a refill's share
 
 
+def test_a_few_late_requests_join_free_rows_without_waiting_for_a_share():
+    """The rows ask at every free row; fewer free rows than a refill's share take the waiting requests once they
+    all fit and the oldest has waited gather_wait (no answer's worth of waiting for a share to free), while a
+    crowd larger than the free rows still waits for a share. A share set by the operator is the rows' own rule."""
+    from types import SimpleNamespace
+
+    from kosmos2_cli.api.options import GenerationOptions
+    from kosmos2_cli.serve.scheduler import Scheduler
+
+    scheduler = Scheduler(SimpleNamespace(options=GenerationOptions()), rows=16, queue_limit=64, longest_prompt=160,
+                          max_new_tokens=8, gather_wait=0.5)
+    scheduler.stream_rows = 16  # a share: 4 rows
+    now = time.perf_counter()
+    scheduler._queue.extend([SimpleNamespace(prompts=1, submitted=now - 0.6),
+                             SimpleNamespace(prompts=2, submitted=now)])
+    assert scheduler._room(4)  # a share of the rows is free
+    assert scheduler._room(3)  # both fit, the oldest waited long enough
+    assert not scheduler._room(2)  # they do not all fit: wait for a share
+    scheduler._queue[0].submitted = now
+    assert not scheduler._room(3)  # too fresh: others may still join them
+    scheduler.refill_share = 1.0
+    assert scheduler._room(1)  # the rows ask only once the operator's share is free
+
+
 def test_rows_narrow_when_the_crowd_leaves(trained_dir, expected, monkeypatch):
     """After a crowd, one client that keeps the rows busy still gets narrower rows once the demand stays low."""
     from kosmos2_cli.serve import scheduler as module

@@ -238,10 +238,13 @@ class Scheduler:
                     with self._lock:
                         self.stream_rows = self._rows_for_demand()
                         self._narrow_since = None
+                    # By default the rows ask at every free row and `_take` decides (`_room`); a share set by
+                    # the operator (1: static batches) is the rows' own rule, as in `kosmos2 batch`.
+                    share = 0.0 if self.refill_share is None else self.refill_share
                     for started in kosmos.stream(self._take, self.stream_rows, options=self.run_options,
                                                  calm=self.calm,
                                                  cancelled=self._cancelled, longest_prompt=self.longest_prompt,
-                                                 refill_share=self.refill_share):
+                                                 refill_share=share):
                         self._deliver(started)
                 except Exception as err:  # noqa: BLE001 - every request in flight hears of it; serving goes on
                     self._recover(err)
@@ -261,7 +264,7 @@ class Scheduler:
             while True:
                 if self._queue:
                     hold: float | None = 0.0 if self._stopping else self._holding()
-                    if not hold:
+                    if not hold and (wait or self._stopping or self._room(count)):
                         break
                 elif self._stopping:
                     return None
@@ -313,6 +316,16 @@ class Scheduler:
             if waiting >= enough:
                 return 0.0
         return left
+
+    def _room(self, count: int) -> bool:
+        """Whether `count` free rows (others decoding) are worth a refill now: a refill's share of the rows, or
+        fewer when every waiting request fits in them and the oldest has waited `gather_wait`. Requests that
+        arrive just after a refill then need not wait for a share of the rows to free, a whole answer's time
+        when answers end together; a crowd still waits for a share (lock held)."""
+        if self.refill_share is not None or count >= refill_size(self.stream_rows, REFILL_SHARE):
+            return True  # (with a share of the operator's, the rows ask only once that share is free)
+        waited = time.perf_counter() - self._queue[0].submitted >= self.gather_wait
+        return waited and sum(work.prompts for work in self._queue) <= count
 
     def _rows_for_demand(self) -> int:
         """The power of two of rows that holds every prompt taken or waiting, at most `rows` (lock held)."""
