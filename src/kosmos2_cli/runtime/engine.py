@@ -94,6 +94,12 @@ PARAMETERS = 1_664_000_000
 PROMPT_SLOTS = 96
 DEFAULT_NEW_TOKENS = 128
 ACTIVATIONS_PER_ROW = 8 << 20
+# On a GPU the engine's first refill takes this many prompts and decodes them alone: their records come out before
+# the large refills pay their first-time costs (cuDNN's start and plans, graph captures, a 256-image encoding),
+# which came before the first record when the first refill filled every row. Small enough for FlashAttention and
+# the prompt's graph (FLASH_MAX_BATCH, GRAPHED_PREFILL_BATCH). Later streams of the same engine (a Ray actor's
+# next block, a retry after running out of memory) start warm and fill every row at once.
+FIRST_BATCH = 16
 
 
 class PipelineEngine:
@@ -112,6 +118,9 @@ class PipelineEngine:
         self.dtype = dtype
         self.options = options or GenerationOptions()
         self.refill_share = refill_share  # None: the row scheduler's default
+        self.first_batch: int | None = None  # prompts of the first stream's first refill, decoded alone (None:
+        # FIRST_BATCH on a GPU, 0 elsewhere: a CPU is busy at any batch, and a lone small batch would idle cores)
+        self._streamed = False  # a stream has run: the first-time costs are paid
         check_model_folder(self.folder)
         self._kosmos: Kosmos2 | None = None
         self._stream = None  # the side stream `collate` copies pixels to the GPU on (made on first use)
@@ -235,11 +244,24 @@ class PipelineEngine:
         calm = calm or threading.Event()
         stager = Stager(self.collate, items, calm)
         per_image = max(1, spec.rows_per_image())
+        first = (FIRST_BATCH if self.on_gpu else 0) if self.first_batch is None else self.first_batch
+        first, self._streamed = (0 if self._streamed else first), True
+        alone = False  # the first refill decodes: nothing joins it
 
         def take(count: int, wait: bool) -> list[Request] | None:
+            nonlocal first, alone
+            if alone and not wait:
+                return []
+            alone = False
             if pace is not None and not pace.ready(wait):
                 return []
-            parts = stager.take(-(-count // per_image))
+            images = -(-count // per_image)
+            if first and first < count:
+                parts = stager.take(-(-first // per_image), then=images)
+                alone = bool(parts)
+            else:
+                parts = stager.take(images)
+            first = 0
             if not parts:
                 return None
             requests = []

@@ -78,8 +78,9 @@ class Stager:
         mark("stager: first pixels collated")
         return chunk, staged
 
-    def take(self, count: int) -> list[tuple[list[Prepared], Any]]:
-        """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order."""
+    def take(self, count: int, then: int | None = None) -> list[tuple[list[Prepared], Any]]:
+        """Up to `count` images (fewer only at the end), as (images, pixels) parts in input order; `then` images
+        (default `count`) are staged next."""
         if self.ahead is not None:
             self.ready.append(self._wait_ahead())
         parts: list[tuple[list[Prepared], Any]] = []
@@ -95,7 +96,7 @@ class Stager:
             parts.append((chunk, pixels))
             have += len(chunk)
         if have == count:
-            self.ahead = self.pool.submit(self._stage, count, True)
+            self.ahead = self.pool.submit(self._stage, then or count, True)
         return parts
 
     def close(self) -> None:
