@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call's measurements (each part fits the 10-minute limit); .bench from prepare_gpu_call.sh:
 #
-#   bash benchmarks/gpu_call.sh ab      # ~5 min: rows_ab.sh without serve, this tree beside .bench/static
-#                                       # (kosmos2 batch start-up, steady rate, whole-run GPU time per record)
+#   bash benchmarks/gpu_call.sh ab      # ~6 min: rows_ab.sh without serve, this tree beside .bench/static
+#                                       # (kosmos2 batch start-up, steady rate, whole-run GPU time per record),
+#                                       # then this tree's start-up with KOSMOS2_FIRST_BATCH=0
 #   bash benchmarks/gpu_call.sh serve   # ~6 min: the CUDA tests, then serve.py at 1/8/64/256 clients for this
 #                                       # tree and at 256 for .bench/before, then serve under host_timing
 #
@@ -19,7 +20,10 @@ cat .bench/HEAD >> "$OUT/device.txt" 2>/dev/null  # this tree, when prepared
 echo "static $(cat .bench/static/COMMIT 2>/dev/null), before $(cat .bench/before/COMMIT 2>/dev/null)" >> "$OUT/device.txt"
 case "${1:-}" in
   ab)
-    OUT=/tmp/ab OLD=$PWD/.bench/static/src SERVE=0 timeout 540 bash benchmarks/rows_ab.sh > /tmp/ab.log 2>&1
+    OUT=/tmp/ab OLD=$PWD/.bench/static/src SERVE=0 timeout 460 bash benchmarks/rows_ab.sh > /tmp/ab.log 2>&1
+    # this tree without its small first batch: what that batch alone changes
+    KOSMOS2_FIRST_BATCH=0 PYTHONPATH=$PWD/src timeout 110 python benchmarks/startup.py --weights "$W" --batch 4000 \
+      > /tmp/ab/startup-first0.log 2>&1
     OUT=/tmp/ab OLD=- SUMMARY_ONLY=1 bash benchmarks/rows_ab.sh > /dev/null 2>&1  # also after a run cut short
     cp /tmp/ab/summary.txt "$OUT/" 2>/dev/null
     for f in profile-new.json profile-old.json; do cp "/tmp/ab/$f" "$OUT/" 2>/dev/null; done

@@ -57,3 +57,40 @@ def test_the_first_batch_fits_the_small_batch_fast_paths():
     from kosmos2_cli.model.layers import FLASH_MAX_BATCH
 
     assert 1 < FIRST_BATCH <= min(FLASH_MAX_BATCH, GRAPHED_PREFILL_BATCH)
+
+
+def test_kosmos2_batch_takes_the_first_batch_from_the_environment(trained_dir, shared_fixtures, tmp_path,
+                                                                   monkeypatch):
+    """KOSMOS2_FIRST_BATCH=2 on the CPU: the same records as without it; a value that is not a count is a
+    one-line error."""
+    import shutil
+
+    from cli_helpers import invoke, json_lines
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in IMAGES[:5]:
+        shutil.copy(shared_fixtures / "images" / name, folder / name)
+    seen = []
+    init = PipelineEngine.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seen.append(self.first_batch)
+
+    monkeypatch.setattr(PipelineEngine, "__init__", recording_init)
+    runs = {}
+    for value in ("", "2"):
+        monkeypatch.setenv("KOSMOS2_FIRST_BATCH", value)
+        out = tmp_path / f"out{value or 'default'}.jsonl"
+        result = invoke(["batch", folder, "-o", out, "--model", trained_dir, "--device", "cpu", "--batch-size", "4",
+                         "--max-new-tokens", "12", "--quiet"])
+        assert result.exit_code == 0, result.output
+        runs[value] = sorted(json_lines(out.read_text()), key=lambda record: record["image"])
+    assert len(runs[""]) == 5 and runs["2"] == runs[""]
+    assert seen == [None, 2]
+    monkeypatch.setenv("KOSMOS2_FIRST_BATCH", "many")
+    result = invoke(["batch", folder, "-o", tmp_path / "bad.jsonl", "--model", trained_dir, "--device", "cpu"])
+    assert result.exit_code != 0
+    assert "KOSMOS2_FIRST_BATCH must be a whole number" in result.output
+    assert "Traceback" not in result.output

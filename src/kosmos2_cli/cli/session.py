@@ -47,7 +47,7 @@ def open_engine(settings: Settings, reporter: Reporter):
     try:
         # Every command that opens an engine runs the model: its weights load from here on, beside the rest.
         engine = PipelineEngine(folder, device, dtype, settings.generation_options(), refill_share=refill_share(),
-                                preload=True)
+                                preload=True, first_batch=first_batch())
         mark("engine: tokenizer loaded")
         return engine
     except ModelLoadError as err:
@@ -91,3 +91,16 @@ def refill_share() -> float | None:
     if not 0 <= share <= 1:
         raise CliError(f"KOSMOS2_REFILL_SHARE must be a number from 0 to 1 (got {value!r})")
     return share
+
+
+def first_batch() -> int | None:
+    """KOSMOS2_FIRST_BATCH: the prompts of a run's first refill, decoded alone before the rows fill (0: none;
+    unset: 16 on a GPU, none on a CPU). A tuning knob for benchmarks."""
+    import os
+
+    value = os.environ.get("KOSMOS2_FIRST_BATCH", "").strip()
+    if not value:
+        return None
+    if not value.isdigit():
+        raise CliError(f"KOSMOS2_FIRST_BATCH must be a whole number, 0 or more (got {value!r})")
+    return int(value)

@@ -110,7 +110,7 @@ class PipelineEngine:
 
     def __init__(self, folder: Path, device: str = "auto", dtype: str = "auto",
                  options: GenerationOptions | None = None, on_load: Callable[[bool], None] | None = None,
-                 refill_share: float | None = None, preload: bool = False) -> None:
+                 refill_share: float | None = None, preload: bool = False, first_batch: int | None = None) -> None:
         from kosmos2_cli.processing.processor import Kosmos2Processor
 
         self.folder = Path(folder)
@@ -118,7 +118,7 @@ class PipelineEngine:
         self.dtype = dtype
         self.options = options or GenerationOptions()
         self.refill_share = refill_share  # None: the row scheduler's default
-        self.first_batch: int | None = None  # prompts of the first stream's first refill, decoded alone (None:
+        self.first_batch = first_batch  # prompts of the first stream's first refill, decoded alone (None:
         # FIRST_BATCH on a GPU, 0 elsewhere: a CPU is busy at any batch, and a lone small batch would idle cores)
         self._streamed = False  # a stream has run: the first-time costs are paid
         check_model_folder(self.folder)
