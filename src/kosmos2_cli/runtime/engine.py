@@ -244,8 +244,9 @@ class PipelineEngine:
         calm = calm or threading.Event()
         stager = Stager(self.collate, items, calm)
         per_image = max(1, spec.rows_per_image())
-        first = (FIRST_BATCH if self.on_gpu else 0) if self.first_batch is None else self.first_batch
-        first, self._streamed = (0 if self._streamed else first), True
+        default = FIRST_BATCH if self.on_gpu else 0
+        first = 0 if self._streamed else (default if self.first_batch is None else self.first_batch)
+        self._streamed = True
         alone = False  # the first refill decodes: nothing joins it
 
         def take(count: int, wait: bool) -> list[Request] | None:

@@ -306,7 +306,7 @@ class Scheduler:
     def _holding(self) -> float:
         """How much longer the waiting requests are held for others to join them: while they are fewer than a
         refill's share of the rows, until the oldest has waited `gather_wait` (0: take them now; lock held)."""
-        enough = refill_size(self.stream_rows, REFILL_SHARE if self.refill_share is None else self.refill_share)
+        enough = self._share()
         left = self.gather_wait - (time.perf_counter() - self._queue[0].submitted)
         if left <= 0:
             return 0.0
@@ -322,10 +322,14 @@ class Scheduler:
         fewer when every waiting request fits in them and the oldest has waited `gather_wait`. Requests that
         arrive just after a refill then need not wait for a share of the rows to free, a whole answer's time
         when answers end together; a crowd still waits for a share (lock held)."""
-        if self.refill_share is not None or count >= refill_size(self.stream_rows, REFILL_SHARE):
+        if self.refill_share is not None or count >= self._share():
             return True  # (with a share of the operator's, the rows ask only once that share is free)
         waited = time.perf_counter() - self._queue[0].submitted >= self.gather_wait
         return waited and sum(work.prompts for work in self._queue) <= count
+
+    def _share(self) -> int:
+        """A refill's share of the stream's rows, in prompts (the operator's share, else REFILL_SHARE)."""
+        return refill_size(self.stream_rows, REFILL_SHARE if self.refill_share is None else self.refill_share)
 
     def _rows_for_demand(self) -> int:
         """The power of two of rows that holds every prompt taken or waiting, at most `rows` (lock held)."""
